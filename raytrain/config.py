@@ -1,0 +1,274 @@
+"""One typed config tree: YAML → dotted CLI overrides → Tune param space.
+
+Every component has a pydantic section here with its defaults (the only place they are
+written) and, where it builds something, a `build()`. Unknown keys and out-of-range
+values are rejected before anything starts, with the dotted key in the message:
+
+    cfg = load_config("configs/x.yaml", ["loss.order=3", "train.lr=1e-3"])
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message names the dotted key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+class S3Config(Section):
+    """S3-compatible storage. Credentials come from the environment (AWS_ACCESS_KEY_ID,
+    AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL) unless set here; never from code."""
+
+    endpoint_url: str | None = None
+    region: str = "us-east-1"
+    access_key: str | None = None
+    secret_key: str | None = None
+
+
+class DataConfig(Section):
+    # "embedded" generates the synthetic default under `root` on first use; otherwise a
+    # directory (local or s3://) holding train/*.parquet and eval/ like the embedded one.
+    path: str = "embedded"
+    root: str = "~/.cache/raytrain"
+    n_train: int = Field(4096, ge=16)
+    n_eval: int = Field(256, ge=16)
+    seed: int = Field(0, ge=0)
+    image_size: int = Field(32, ge=16, le=1024)
+    caption_column: str = "caption"
+    # "word": vocabulary built from the corpus (embedded default); else a local directory
+    # holding a Hugging Face tokenizer.
+    tokenizer: str = "word"
+    context_length: int = Field(32, ge=4, le=512)
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    # Logical CPUs per Ray Data task: fractional so reads and decodes are not starved by
+    # the training workers on small machines.
+    num_cpus: float = Field(0.25, gt=0)
+    s3: S3Config = S3Config()
+
+
+class ImageTowerConfig(Section):
+    width: int = Field(96, ge=8)
+    depth: int = Field(3, ge=1)
+    heads: int = Field(3, ge=1)
+    patch: int = Field(4, ge=1)
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        return self
+
+
+class TextTowerConfig(Section):
+    width: int = Field(96, ge=8)
+    depth: int = Field(2, ge=1)
+    heads: int = Field(3, ge=1)
+
+    @model_validator(mode="after")
+    def _heads_divide(self):
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
+        return self
+
+
+class ModelConfig(Section):
+    embed_dim: int = Field(64, ge=4)
+    image: ImageTowerConfig = ImageTowerConfig()
+    text: TextTowerConfig = TextTowerConfig()
+    init_temperature: float = Field(0.07, gt=0, lt=1)
+    max_logit_scale: float = Field(100.0, gt=1)
+
+    def build(self, vocab_size: int, image_size: int, context_length: int):
+        from raytrain.models.encoders import Student
+
+        return Student(self, vocab_size, image_size, context_length)
+
+
+class TeacherConfig(Section):
+    """Frozen image teacher for ranking targets (the DINOv3 ViT, random weights unless a
+    local `path` is given)."""
+
+    size: Literal["tiny", "vits16", "vitb16", "vitl16"] = "tiny"
+    path: str | None = None
+    image_size: int = Field(32, ge=16)
+
+    def build(self):
+        from raytrain.teachers.dinov3 import DINOv3Teacher
+
+        return DINOv3Teacher(self)
+
+
+class LossConfig(Section):
+    """The order-R Plackett-Luce family (METHODS.md §1–3). order 0 = CLIP, order 1 =
+    RankCLIP, order ≥ 2 adds pairwise (2) and tuple-wise (≥ 3) transition terms."""
+
+    order: int = Field(1, ge=0, le=8)
+    depth: int | None = Field(None, ge=1)  # ranked positions K; None = whole list
+    weight: float = Field(1.0, ge=0)  # ranking weight at the end of the ramp / 2
+    ramp: bool = True  # RankCLIP's w(e) = clamp(3(e−1)/(E−1), 0, 2) · weight
+    in_modal: bool = True  # add the image-image / text-text ranking terms
+    target: Literal["rankclip", "teacher"] = "rankclip"
+    transition_dim: int = Field(32, ge=4)
+    detach_transition_emb: bool = True
+
+
+class OptimConfig(Section):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(2e-3, gt=0)
+    weight_decay: float = Field(0.1, ge=0)
+    betas: tuple[float, float] = (0.9, 0.98)
+    warmup_steps: int = Field(20, ge=0)
+    grad_clip: float | None = Field(1.0, gt=0)
+
+    def build(self, params):
+        import torch
+
+        decay = [p for p in params if p.requires_grad and p.ndim >= 2]
+        no_decay = [p for p in params if p.requires_grad and p.ndim < 2]
+        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        if self.name == "sgd":
+            return torch.optim.SGD(groups, lr=self.lr, momentum=0.9)
+        return torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)
+
+    def lr_at(self, step: int, total: int) -> float:
+        """Linear warmup then cosine decay to 0, as a multiplier of `lr`."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        progress = (step - self.warmup_steps) / max(1, total - self.warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+class TrainConfig(Section):
+    epochs: int = Field(4, ge=1)
+    batch_size: int = Field(128, ge=2)  # global batch, split over workers
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(0.99, gt=0)
+    engine: Literal["ddp", "deepspeed"] = "ddp"
+    report_every: int = Field(20, ge=1)  # steps between ray.train.report calls (~2 s each)
+    max_steps: int | None = Field(None, ge=1)  # cap per trial, for smoke runs
+    eval: bool = True
+
+    @model_validator(mode="after")
+    def _batch_splits(self):
+        if self.batch_size % self.num_workers:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by num_workers {self.num_workers}")
+        return self
+
+
+class RunConfig(Section):
+    name: str = "order_sweep"
+    storage_path: str = "~/raytrain_results"
+    max_concurrent_trials: int = Field(1, ge=1)
+    wandb: bool = False  # W&B through Ray's callback; offline unless WANDB_API_KEY is set
+
+
+class Config(Section):
+    method: str = "rankclip"
+    seed: int = Field(0, ge=0)
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    teacher: TeacherConfig = TeacherConfig()
+    loss: LossConfig = LossConfig()
+    optim: OptimConfig = OptimConfig()
+    train: TrainConfig = TrainConfig()
+    run: RunConfig = RunConfig()
+
+    @model_validator(mode="after")
+    def _method_known(self):
+        from raytrain.methods import list_methods
+
+        if self.method not in list_methods():
+            raise ValueError(f"unknown method {self.method!r}; registered: {', '.join(list_methods())}")
+        return self
+
+    def override(self, overrides: dict[str, Any] | list[str]) -> Config:
+        """A new validated config with dotted overrides applied."""
+        return make_config(self.model_dump(), overrides)
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """["a.b=1", "c=[1,2]"] → {"a.b": 1, "c": [1, 2]} (values parsed as YAML)."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _set_dotted(tree: dict, key: str, value: Any, model: type[BaseModel]) -> None:
+    parts = key.split(".")
+    node, cls = tree, model
+    for i, part in enumerate(parts):
+        fields = cls.model_fields if cls is not None else {}
+        if part not in fields:
+            where = ".".join(parts[:i]) or "the top level"
+            hint = difflib.get_close_matches(part, list(fields), n=1)
+            raise ConfigError(
+                f"unknown config key {key!r}: no {part!r} in {where}"
+                + (f" (did you mean {'.'.join(parts[:i] + hint)!r}?)" if hint else "")
+            )
+        if i == len(parts) - 1:
+            node[part] = value
+            return
+        ann = fields[part].annotation
+        cls = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        if cls is None:
+            raise ConfigError(f"config key {key!r}: {'.'.join(parts[: i + 1])!r} is a value, not a section")
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"config key {key!r}: {'.'.join(parts[: i + 1])!r} is not a section")
+
+
+def make_config(tree: dict | None = None, overrides: dict[str, Any] | list[str] = ()) -> Config:
+    """Validate a nested dict plus dotted overrides into a Config, or raise ConfigError."""
+    tree = yaml.safe_load(yaml.safe_dump(tree or {}))  # deep copy, plain types
+    if isinstance(overrides, list | tuple):
+        overrides = parse_overrides(list(overrides))
+    _check_keys(tree, Config, "")
+    for key, value in overrides.items():
+        _set_dotted(tree, key, value, Config)
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as e:
+        lines = []
+        for err in e.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "config"
+            lines.append(f"{loc}: {err['msg']} (got {err.get('input')!r})" if loc != "config" else err["msg"])
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def _check_keys(tree: dict, model: type[BaseModel], prefix: str) -> None:
+    """Reject unknown keys in a nested YAML tree with the full dotted path."""
+    for key, value in tree.items():
+        _set_dotted({}, prefix + key, None, Config)
+        ann = model.model_fields[key].annotation
+        if isinstance(value, dict) and isinstance(ann, type) and issubclass(ann, BaseModel):
+            _check_keys(value, ann, prefix + key + ".")
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list[str] = ()) -> Config:
+    """Load a YAML config file (or the defaults when path is None) and apply overrides."""
+    tree = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        tree = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(tree, dict):
+            raise ConfigError(f"config file {path} must hold a mapping at the top level")
+    return make_config(tree, overrides)
