@@ -90,10 +90,10 @@ class ModelConfig(Section):
     init_temperature: float = Field(0.07, gt=0, lt=1)
     max_logit_scale: float = Field(100.0, gt=1)
 
-    def build(self, vocab_size: int, image_size: int, context_length: int):
+    def build(self, vocab_size: int, image_size: int, context_length: int, pad_id: int = 0):
         from raytrain.models.encoders import Student
 
-        return Student(self, vocab_size, image_size, context_length)
+        return Student(self, vocab_size, image_size, context_length, pad_id)
 
 
 class TeacherConfig(Section):
@@ -103,11 +103,15 @@ class TeacherConfig(Section):
     size: Literal["tiny", "vits16", "vitb16", "vitl16"] = "tiny"
     path: str | None = None
     image_size: int = Field(32, ge=16)
+    # 1-based blocks whose patch tokens form the multi-scale output; None = four evenly
+    # spaced blocks ending at the last (3/6/9/12 for ViT-B), so one default fits every size
+    layers: tuple[int, ...] | None = None
+    grid: int = Field(4, ge=1)  # each scale pooled to grid × grid tokens
 
-    def build(self):
+    def build(self, data_mean=(0.5,) * 3, data_std=(0.5,) * 3):
         from raytrain.teachers.dinov3 import DINOv3Teacher
 
-        return DINOv3Teacher(self)
+        return DINOv3Teacher(self, data_mean, data_std)
 
 
 class LossConfig(Section):
@@ -156,8 +160,8 @@ class TrainConfig(Section):
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(0.99, gt=0)
-    engine: Literal["ddp", "deepspeed"] = "ddp"
-    report_every: int = Field(20, ge=1)  # steps between ray.train.report calls (~2 s each)
+    engine: Literal["ddp"] = "ddp"  # the DeepSpeed engine plugs in here (issue 6)
+    report_every: int = Field(50, ge=1)  # steps between ray.train.report calls (~2 s each)
     max_steps: int | None = Field(None, ge=1)  # cap per trial, for smoke runs
     eval: bool = True
 

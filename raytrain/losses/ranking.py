@@ -79,7 +79,8 @@ class Transition(nn.Module):
         super().__init__()
         self.max_order, self.detach, self.scale = max_order, detach, 1 / math.sqrt(dim)
         self.pair = nn.Linear(emb_dim, 2 * dim, bias=False)
-        self.tuple = nn.Linear(emb_dim, 3 * dim, bias=False)
+        # only orders that exist get parameters (DDP rejects parameters that get no gradient)
+        self.tuple = nn.Linear(emb_dim, 3 * dim, bias=False) if max_order >= 3 else None
         self.lam = nn.Parameter(torch.zeros(max(max_order - 1, 0)))
 
     def forward(self, emb: Tensor, prefix: Tensor, order: int) -> Tensor:

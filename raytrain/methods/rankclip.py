@@ -1,0 +1,48 @@
+"""The order-R ranking family on a plain student (METHODS.md §3): CLIP + the ranking-
+consistency loss of order R. `loss.order` 0 = CLIP, 1 = RankCLIP, ≥ 2 = high-order PL."""
+
+import torch
+import torch.nn.functional as F
+
+from raytrain.losses.contrastive import clip_loss
+from raytrain.losses.ranking import Transition, ranking_consistency_loss
+from raytrain.methods import register_method
+from raytrain.methods.base import Method
+from raytrain.train.dist import gather
+
+
+def ramp(epoch: float, epochs: int) -> float:
+    """RankCLIP's ranking weight w(e) = clamp(3(e−1)/(E−1), 0, 2), e counted from 1."""
+    return min(max(3 * (epoch - 1) / max(epochs - 1, 1), 0.0), 2.0)
+
+
+@register_method("rankclip")
+class RankCLIP(Method):
+    def __init__(self, cfg, vocab_size: int, pad_id: int = 0):
+        super().__init__(cfg, vocab_size, pad_id)
+        loss = cfg.loss
+        if loss.order >= 2:  # one transition per ranked modality
+            dim = cfg.model.embed_dim
+            self.image_transition = Transition(dim, loss.transition_dim, loss.order, loss.detach_transition_emb)
+            self.text_transition = Transition(dim, loss.transition_dim, loss.order, loss.detach_transition_emb)
+        else:
+            self.image_transition = self.text_transition = None
+        self.teacher = cfg.teacher.build(cfg.data.mean, cfg.data.std) if loss.target == "teacher" and loss.order >= 1 else None
+
+    def forward(self, batch, epoch: float):
+        u, v, scale = self.embed(batch)
+        contrastive = clip_loss(u, v, scale)
+        logs = {"clip": contrastive.detach(), "logit_scale": scale.detach()}
+        cfg = self.cfg.loss
+        if cfg.order == 0:
+            return contrastive, logs
+        reference = None
+        if self.teacher is not None:
+            c = F.normalize(gather(self.teacher(batch["pixels"]).cls), dim=-1)
+            reference = c @ c.T
+        rank = ranking_consistency_loss(
+            u, v, scale, cfg.order, cfg.depth, cfg.in_modal, reference, self.image_transition, self.text_transition
+        )
+        weight = cfg.weight * (ramp(epoch, self.cfg.train.epochs) if cfg.ramp else 1.0)
+        logs.update(rank=rank.detach(), rank_weight=torch.tensor(weight))
+        return contrastive + weight * rank, logs

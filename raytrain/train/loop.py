@@ -1,0 +1,119 @@
+"""train_loop_per_worker: the same code on every Ray Train worker."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+import time
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+
+from raytrain.config import make_config
+from raytrain.data.pipeline import DataSource
+from raytrain.data.schema import SKIP_REASONS
+from raytrain.methods import build_method
+from raytrain.train import checkpoint
+from raytrain.train.dist import all_sum
+from raytrain.train.engine import build_engine
+
+
+def worker_config(cfg, src: DataSource) -> dict:
+    """What a trial hands its workers: plain data, so it pickles and validates again there."""
+    return {"config": cfg.model_dump(mode="json"), "source": dataclasses.asdict(src)}
+
+
+def train_loop_per_worker(payload: dict) -> None:
+    cfg = make_config(payload["config"])
+    src = DataSource(**payload["source"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+    device = ray.train.torch.get_device()
+    tokenizer = src.tokenizer(cfg.data)
+    method = build_method(cfg, tokenizer.vocab_size, tokenizer.pad_id)
+
+    local_batch = cfg.train.batch_size // world
+    steps_per_epoch = src.num_rows // cfg.train.batch_size
+    if steps_per_epoch == 0:
+        raise ValueError(f"train.batch_size {cfg.train.batch_size} exceeds the {src.num_rows} training rows")
+    total = min(cfg.train.epochs * steps_per_epoch, cfg.train.max_steps or 1 << 62)
+    engine = build_engine(method, cfg, total, device)
+    shard = ray.train.get_dataset_shard("train")
+
+    skipped = dict.fromkeys(SKIP_REASONS, 0)
+    step, window, seen, logs = 0, [], 0, {}
+    for epoch in range(cfg.train.epochs):
+        batches = shard.iter_batches(
+            batch_size=local_batch, batch_format="numpy", drop_last=True,
+            local_shuffle_buffer_size=4 * local_batch, local_shuffle_seed=cfg.seed * 7919 + epoch * 31 + rank,
+        )  # fmt: skip
+        for i, batch in enumerate(batches):
+            if i >= steps_per_epoch or step >= total:  # the same step count on every rank
+                break
+            t0 = time.perf_counter()
+            keep = ~(batch["bad_image"] | batch["empty_caption"])
+            for reason in SKIP_REASONS:
+                skipped[reason] += int(batch[reason].sum())
+            inputs = {k: torch.from_numpy(batch[k][keep]).to(device) for k in ("pixels", "tokens")}
+            loss, logs = engine(inputs, 1 + epoch + i / steps_per_epoch)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step} (epoch {epoch}); lower optim.lr?")
+            stats = engine.step(loss)
+            window.append(time.perf_counter() - t0)
+            seen += int(keep.sum())
+            step += 1
+            if step % cfg.train.report_every == 0 and step < total:
+                ray.train.report(_metrics(loss, logs, stats, step, epoch, window, local_batch))
+                window = []
+        if step >= total:
+            break
+
+    # Final report: skipped-row counts summed over ranks (a collective every rank runs),
+    # evaluation and the checkpoint on rank 0 (no collective inside either).
+    counts = dict(zip(SKIP_REASONS, all_sum([skipped[r] for r in SKIP_REASONS])))
+    metrics = _metrics(loss, logs, stats, step, epoch, window, local_batch)
+    metrics.update({f"skipped_{r}": int(n) for r, n in counts.items()}, skipped_rows=int(sum(counts.values())))
+    metrics["samples_seen"] = int(all_sum([seen])[0])
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    if cfg.train.eval and src.eval_dir:
+        metrics.update(evaluate(method.student, tokenizer, cfg, src.eval_dir, device))
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = checkpoint.save(f"{tmp}/ckpt", {"method": method.state_dict()}, cfg, {"source": payload["source"]})
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt))
+
+
+def _metrics(loss, logs, stats, step, epoch, window, local_batch) -> dict:
+    out = {k: float(v) for k, v in logs.items()}
+    out.update(stats, loss=float(loss), step=step, epoch=epoch)
+    if window:
+        out["step_time"] = float(np.mean(window))
+        out["samples_per_s"] = local_batch / out["step_time"]
+    return out
+
+
+@torch.no_grad()
+def evaluate(student, tokenizer, cfg, eval_dir: str, device) -> dict[str, float]:
+    """The embedded evaluation suite on the student alone."""
+    from raytrain.data.transforms import decode_image, normalize
+    from raytrain.eval.suite import evaluate as run_suite
+
+    student.eval()
+    size, length = cfg.data.image_size, cfg.data.context_length
+
+    def images(data: list[bytes]) -> torch.Tensor:
+        decoded = [decode_image(b, size) for b in data]
+        if any(d is None for d in decoded):
+            raise ValueError(f"an evaluation image in {eval_dir} does not decode")
+        return student.encode_image(torch.from_numpy(normalize(np.stack(decoded), cfg.data.mean, cfg.data.std)).to(device))
+
+    def texts(captions: list[str]) -> torch.Tensor:
+        return student.encode_text(torch.from_numpy(tokenizer(captions, length)).to(device))
+
+    results = run_suite(images, texts, eval_dir)
+    student.train()
+    return results
