@@ -71,9 +71,8 @@ def train_dataset(src: DataSource, cfg: DataConfig, seed: int):
     import ray.data
 
     fs, _ = resolve(src.path, cfg.s3)
-    remote = {"num_cpus": cfg.num_cpus}
     ds = ray.data.read_parquet(
-        list(src.files), filesystem=fs, columns=["id", "image", cfg.caption_column], ray_remote_args=remote
+        list(src.files), filesystem=fs, columns=["id", "image", cfg.caption_column], num_cpus=cfg.num_cpus
     ).randomize_block_order(seed=seed)
     fn = Preprocess(src.tokenizer(cfg), cfg.image_size, cfg.context_length, cfg.mean, cfg.std, cfg.caption_column)
-    return ds.map_batches(fn, batch_format="numpy", batch_size=256, **remote)
+    return ds.map_batches(fn, batch_format="numpy", batch_size=256, num_cpus=cfg.num_cpus)

@@ -4,12 +4,28 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 from torch import Tensor
 
 
 def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class _AllGather(torch.autograd.Function):
+    """Stack of x from every rank; backward sums each rank's gradient of the whole stack
+    (all_reduce, which gloo and NCCL both have) and keeps this rank's slice."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.stack(parts)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad)
+        return grad[dist.get_rank()]
 
 
 def gather(x: Tensor) -> Tensor:
@@ -24,7 +40,7 @@ def gather(x: Tensor) -> Tensor:
     dist.all_gather(sizes, n)
     sizes = [int(s) for s in sizes]
     padded = torch.cat([x, x.new_zeros(max(sizes) - x.shape[0], *x.shape[1:])]) if x.shape[0] < max(sizes) else x
-    parts = dist_nn.all_gather(padded)
+    parts = _AllGather.apply(padded)
     return torch.cat([p[:s] for p, s in zip(parts, sizes)])
 
 

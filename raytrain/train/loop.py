@@ -26,6 +26,7 @@ def worker_config(cfg, src: DataSource) -> dict:
 
 
 def train_loop_per_worker(payload: dict) -> None:
+    started = time.perf_counter()
     cfg = make_config(payload["config"])
     src = DataSource(**payload["source"])
     ctx = ray.train.get_context()
@@ -51,6 +52,8 @@ def train_loop_per_worker(payload: dict) -> None:
             local_shuffle_buffer_size=4 * local_batch, local_shuffle_seed=cfg.seed * 7919 + epoch * 31 + rank,
         )  # fmt: skip
         for i, batch in enumerate(batches):
+            if step == 0:
+                first_batch_s = time.perf_counter() - started
             if i >= steps_per_epoch or step >= total:  # the same step count on every rank
                 break
             t0 = time.perf_counter()
@@ -77,11 +80,14 @@ def train_loop_per_worker(payload: dict) -> None:
     metrics = _metrics(loss, logs, stats, step, epoch, window, local_batch)
     metrics.update({f"skipped_{r}": int(n) for r, n in counts.items()}, skipped_rows=int(sum(counts.values())))
     metrics["samples_seen"] = int(all_sum([seen])[0])
+    metrics.update(world_size=world, startup_s=first_batch_s, train_s=time.perf_counter() - started - first_batch_s)
     if rank != 0:
         ray.train.report(metrics)
         return
     if cfg.train.eval and src.eval_dir:
+        t0 = time.perf_counter()
         metrics.update(evaluate(method.student, tokenizer, cfg, src.eval_dir, device))
+        metrics["eval_s"] = time.perf_counter() - t0
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = checkpoint.save(f"{tmp}/ckpt", {"method": method.state_dict()}, cfg, {"source": payload["source"]})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt))
@@ -89,7 +95,7 @@ def train_loop_per_worker(payload: dict) -> None:
 
 def _metrics(loss, logs, stats, step, epoch, window, local_batch) -> dict:
     out = {k: float(v) for k, v in logs.items()}
-    out.update(stats, loss=float(loss), step=step, epoch=epoch)
+    out.update(stats, loss=loss.item(), step=step, epoch=epoch)
     if window:
         out["step_time"] = float(np.mean(window))
         out["samples_per_s"] = local_batch / out["step_time"]

@@ -1,0 +1,99 @@
+"""Schema validation, decoding, tokenization and the Ray Data pipeline's bad-row accounting."""
+
+import io
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from raytrain.config import make_config
+from raytrain.data.pipeline import prepare, train_dataset
+from raytrain.data.schema import SchemaError
+from raytrain.data.sources import StorageError
+from raytrain.data.transforms import Preprocess, WordTokenizer, decode_image
+
+
+def png(color=(255, 0, 0), size=20) -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def write_dataset(root, rows: dict, name="part-0.parquet"):
+    (root / "train").mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(rows), root / "train" / name)
+    return root
+
+
+def good_rows(n=6):
+    return {"id": [f"r{i}" for i in range(n)], "image": [png((i * 40, 0, 0)) for i in range(n)], "caption": [f"a red circle {i}" for i in range(n)]}
+
+
+def data_cfg(path, **kw):
+    return make_config({"data": {"path": str(path), "image_size": 16, **kw}}).data
+
+
+def test_missing_and_mistyped_columns_name_file_and_column(tmp_path):
+    rows = good_rows()
+    del rows["caption"]
+    write_dataset(tmp_path / "a", rows)
+    with pytest.raises(SchemaError, match=r"part-0\.parquet: missing column 'caption'"):
+        prepare(data_cfg(tmp_path / "a"))
+    rows = good_rows()
+    rows["image"] = list(range(6))
+    write_dataset(tmp_path / "b", rows)
+    with pytest.raises(SchemaError, match=r"column 'image' has type int64, expected binary"):
+        prepare(data_cfg(tmp_path / "b"))
+
+
+def test_unreadable_and_empty_storage(tmp_path):
+    with pytest.raises(StorageError, match="no parquet files under"):
+        prepare(data_cfg(tmp_path / "nothing"))
+    (tmp_path / "c" / "train").mkdir(parents=True)
+    (tmp_path / "c" / "train" / "x.parquet").write_bytes(b"not parquet")
+    with pytest.raises(SchemaError, match=r"x\.parquet: not a readable parquet file"):
+        prepare(data_cfg(tmp_path / "c"))
+
+
+def test_decode_and_preprocess_flags_bad_rows():
+    assert decode_image(png(size=20), 16).shape == (16, 16, 3)
+    assert decode_image(b"garbage", 16) is None and decode_image(None, 16) is None
+    tok = WordTokenizer(["a", "red", "circle"])
+    fn = Preprocess(tok, 16, 8, (0.5,) * 3, (0.5,) * 3)
+    out = fn({"id": np.array(["x", "y", "z", "w"]), "image": np.array([png(), b"bad", png(), b"bad"], dtype=object),
+              "caption": np.array(["a red circle", "a red circle", "  ", None], dtype=object)})  # fmt: skip
+    assert out["pixels"].shape == (4, 3, 16, 16) and out["pixels"].dtype == np.float32
+    assert out["bad_image"].tolist() == [False, True, False, True]
+    assert out["empty_caption"].tolist() == [False, False, True, False]  # one reason per row
+    assert np.allclose(out["pixels"][0, 0], 1.0) and np.allclose(out["pixels"][0, 1], -1.0)  # red, normalized
+
+
+def test_word_tokenizer():
+    tok = WordTokenizer.from_corpus(["A red circle.", "blue square"])
+    ids = tok(["a red  Square!", "green"], 6)
+    assert tok.words == ["a", "blue", "circle", "red", "square"]
+    assert ids.tolist() == [[1, 4, 7, 8, 2, 0], [1, 3, 2, 0, 0, 0]]
+    assert tok(["a " * 20], 5)[0, -1] == tok.eos_id  # truncated, still ended
+
+
+def test_pipeline_skips_and_counts_bad_rows(tmp_path, ray_local):
+    rows = good_rows(8)
+    rows["image"][2] = b"\x89PNG broken"
+    rows["caption"][5] = ""
+    src = prepare(data_cfg(write_dataset(tmp_path, rows)))
+    assert src.num_rows == 8 and src.vocabulary is not None and src.eval_dir is None
+    batches = list(train_dataset(src, data_cfg(tmp_path), seed=0).iter_batches(batch_size=None, batch_format="numpy"))
+    ids = np.concatenate([b["id"] for b in batches])
+    bad = dict(zip(ids, np.concatenate([b["bad_image"] for b in batches])))
+    empty = dict(zip(ids, np.concatenate([b["empty_caption"] for b in batches])))
+    assert sorted(ids) == sorted(rows["id"])
+    assert [i for i, f in bad.items() if f] == ["r2"] and [i for i, f in empty.items() if f] == ["r5"]
+
+
+def test_embedded_default_is_generated_once_and_valid(tmp_path):
+    cfg = data_cfg("embedded", root=str(tmp_path), n_train=64, n_eval=16, image_size=32)
+    src = prepare(cfg)
+    assert src.num_rows == 64 and src.eval_dir and "circle" in src.vocabulary
+    assert prepare(cfg) == src

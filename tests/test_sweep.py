@@ -1,0 +1,37 @@
+"""Tune space files: every trial's config is validated before anything starts."""
+
+from pathlib import Path
+
+import pytest
+
+from raytrain.config import ConfigError
+from raytrain.tune.sweep import load_space
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "tune_spaces").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_spaces_validate(path):
+    space, base, trials = load_space(path)
+    assert trials and space.primary in space.metrics
+
+
+def test_order_sweep_space_and_grid_override():
+    space, base, trials = load_space(ROOT / "tune_spaces/order_sweep.yaml", ["grid.seed=[7]", "train.epochs=1"])
+    assert [t["loss.order"] for t in trials] == [0, 1, 2, 3, 4, 5]
+    assert all(t["seed"] == 7 for t in trials) and base.train.epochs == 1
+    assert space.group_labels[0] == "0 (CLIP)" and space.group_labels[1] == "1 (RankCLIP)"
+
+
+def test_bad_trial_is_rejected_naming_trial_and_key(tmp_path):
+    path = tmp_path / "s.yaml"
+    path.write_text("name: s\ngrid: {loss.order: [1, 12]}\ngroup: loss.order\nmetrics: [mean_r@1]\nprimary: mean_r@1\n")
+    with pytest.raises(ConfigError, match=r"trial \{'loss.order': 12\}.*loss.order"):
+        load_space(path)
+    with pytest.raises(ConfigError, match="optim.lrr"):
+        load_space(ROOT / "tune_spaces/order_sweep.yaml", ["optim.lrr=1"])
+    with pytest.raises(ConfigError, match="non-empty list"):
+        load_space(ROOT / "tune_spaces/order_sweep.yaml", ["grid.seed=3"])
+    path.write_text("name: s\ngrid: {seed: [0]}\ngroup: loss.order\nmetrics: [m]\nprimary: m\nextra: 1\n")
+    with pytest.raises(ConfigError, match="extra"):
+        load_space(path)
