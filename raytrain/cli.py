@@ -19,6 +19,10 @@ def main(argv: list[str] | None = None) -> int:
     sweep.add_argument("--resume", metavar="EXPERIMENT_DIR", help="resume an interrupted sweep from its directory")
     sweep.add_argument("overrides", nargs="*", help="dotted config overrides (train.lr=1e-3) or grid axes (grid.seed=[0])")
 
+    cache = sub.add_parser("cache", help="build (or resume) the teacher cache for a config")
+    cache.add_argument("--config", help="YAML config file (default: the built-in defaults)")
+    cache.add_argument("overrides", nargs="*", help="dotted config overrides (cache.teachers=[dinov3,text])")
+
     data = sub.add_parser("data", help="generate the embedded default dataset")
     data.add_argument("out_dir")
     data.add_argument("--n-train", type=int, default=4096)
@@ -33,12 +37,17 @@ def main(argv: list[str] | None = None) -> int:
 
             report = run_sweep(args.space, args.overrides, args.resume)
             print(f"raytrain: report written to {report}", flush=True)
+        elif args.command == "cache":
+            from raytrain.config import load_config
+            from raytrain.teachers.cache import build_cache
+
+            build_cache(load_config(args.config, args.overrides))
         elif args.command == "data":
             from raytrain.data.synthetic import make_dataset
 
             manifest = make_dataset(args.out_dir, args.n_train, args.n_eval, args.seed, args.image_size)
             print(f"raytrain: dataset in {args.out_dir}: {manifest['counts']}")
-    except (ConfigError, SchemaError, StorageError) as e:
+    except (ConfigError, SchemaError, StorageError) as e:  # CacheMismatch is a ConfigError
         print(f"raytrain: error: {e}", file=sys.stderr)
         return 2
     return 0

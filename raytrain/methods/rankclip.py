@@ -27,7 +27,9 @@ class RankCLIP(Method):
             self.text_transition = Transition(dim, loss.transition_dim, loss.order, loss.detach_transition_emb)
         else:
             self.image_transition = self.text_transition = None
-        self.teacher = cfg.teacher.build(cfg.data.mean, cfg.data.std) if loss.target == "teacher" and loss.order >= 1 else None
+        # on-the-fly teacher only when targets need it and no cache supplies its outputs
+        live = loss.target == "teacher" and loss.order >= 1 and not cfg.cache.use
+        self.teacher = cfg.teachers.dinov3.build(cfg.data.mean, cfg.data.std) if live else None
 
     def forward(self, batch, epoch: float):
         u, v, scale = self.embed(batch)
@@ -37,8 +39,9 @@ class RankCLIP(Method):
         if cfg.order == 0:
             return contrastive, logs
         reference = None
-        if self.teacher is not None:
-            c = F.normalize(gather(self.teacher(batch["pixels"]).cls), dim=-1)
+        if cfg.target == "teacher":
+            cls = batch["dinov3_cls"] if "dinov3_cls" in batch else self.teacher(batch["pixels"]).cls
+            c = F.normalize(gather(cls), dim=-1)
             reference = c @ c.T
         rank = ranking_consistency_loss(
             u, v, scale, cfg.order, cfg.depth, cfg.in_modal, reference, self.image_transition, self.text_transition

@@ -19,6 +19,8 @@ from raytrain.train import checkpoint
 from raytrain.train.dist import all_sum
 from raytrain.train.engine import build_engine
 
+ROW_INFO = ("id", "path", *SKIP_REASONS)  # batch columns that are not model inputs
+
 
 def worker_config(cfg, src: DataSource) -> dict:
     """What a trial hands its workers: plain data, so it pickles and validates again there."""
@@ -60,7 +62,7 @@ def train_loop_per_worker(payload: dict) -> None:
             keep = ~(batch["bad_image"] | batch["empty_caption"])
             for reason in SKIP_REASONS:
                 skipped[reason] += int(batch[reason].sum())
-            inputs = {k: torch.from_numpy(batch[k][keep]).to(device) for k in ("pixels", "tokens")}
+            inputs = {k: torch.from_numpy(v[keep]).to(device) for k, v in batch.items() if k not in ROW_INFO}
             loss, logs = engine(inputs, 1 + epoch + i / steps_per_epoch)
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at step {step} (epoch {epoch}); lower optim.lr?")

@@ -71,7 +71,7 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> tuple[Space, Conf
     return space, base, trials
 
 
-def run_trial(params: dict[str, Any], base: dict, source) -> None:
+def run_trial(params: dict[str, Any], base: dict, source, cache=None) -> None:
     """Tune function trainable: one Ray Train run of the base config with this trial's params."""
     from ray import tune
     from ray.train import FailureConfig, RunConfig, ScalingConfig
@@ -91,7 +91,7 @@ def run_trial(params: dict[str, Any], base: dict, source) -> None:
             use_gpu=cfg.train.use_gpu,
             resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})},
         ),
-        datasets={"train": train_dataset(source, cfg.data, cfg.seed)},
+        datasets={"train": train_dataset(source, cfg.data, cfg.seed, cache if cfg.cache.use else None)},
         run_config=RunConfig(
             name=ctx.get_trial_name(),
             # beside the Tune experiment, so one storage path (local, NFS or S3) holds the sweep
@@ -115,7 +115,10 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), resume: str | N
     source = prepare(base.data)  # generates the embedded default once, before any trial
     if not ray.is_initialized():
         ray.init()
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.model_dump(mode="json"), source=source), {"CPU": 0.01})
+    cache = shared_cache(base, source, trials) if any(base.override(p).cache.use for p in trials) else None
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, base=base.model_dump(mode="json"), source=source, cache=cache), {"CPU": 0.01}
+    )
     if resume:
         tuner = tune.Tuner.restore(resume, trainable, resume_errored=False, restart_errored=False)
     else:
@@ -135,6 +138,18 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), resume: str | N
     print(f"raytrain: {len(trials)} trials of {space.name}; data {source.path} ({source.num_rows} rows)", flush=True)
     grid = tuner.fit()
     return write_sweep_report(grid, space)
+
+
+def shared_cache(base: Config, source, trials: list[dict[str, Any]]):
+    """Build the teacher cache once (or reuse it) for every trial; trials may not vary
+    what the cache depends on."""
+    from raytrain.teachers.cache import CacheReader, _declared, build_cache, cache_dir
+
+    for params in trials:
+        if _declared(base.override(params)) != _declared(base):  # e.g. teachers.* on the grid
+            raise ConfigError(f"trial {params} changes the teacher cache's inputs; sweep those in separate runs")
+    manifest = build_cache(base)
+    return CacheReader(cache_dir(base, source), source.files, manifest["shapes"], base.data.s3.model_dump())
 
 
 def trial_table(grid, space: Space) -> pd.DataFrame:
