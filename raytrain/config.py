@@ -46,6 +46,9 @@ class DataConfig(Section):
     seed: int = Field(0, ge=0)
     image_size: int = Field(32, ge=16, le=1024)
     caption_column: str = "caption"
+    # more caption columns tokenized into `tokens_<column>` (ALIP's synthetic caption,
+    # TIPSv2's granularities), e.g. ["caption_short"]
+    extra_captions: tuple[str, ...] = ()
     # "word": vocabulary built from the corpus (embedded default); else a local directory
     # holding a Hugging Face tokenizer.
     tokenizer: str = "word"
@@ -168,6 +171,8 @@ class LossConfig(Section):
     weight: float = Field(1.0, ge=0)  # ranking weight at the end of the ramp / 2
     ramp: bool = True  # RankCLIP's w(e) = clamp(3(e−1)/(E−1), 0, 2) · weight
     in_modal: bool = True  # add the image-image / text-text ranking terms
+    pairwise: bool = True  # the T_2 term (order ≥ 2); off = ablation
+    tuplewise: bool = True  # the T_r, r ≥ 3 terms; off = ablation
     target: Literal["rankclip", "teacher"] = "rankclip"
     transition_dim: int = Field(32, ge=4)
     detach_transition_emb: bool = True

@@ -46,6 +46,9 @@ def test_missing_and_mistyped_columns_name_file_and_column(tmp_path):
     write_dataset(tmp_path / "b", rows)
     with pytest.raises(SchemaError, match=r"column 'image' has type int64, expected binary"):
         prepare(data_cfg(tmp_path / "b"))
+    write_dataset(tmp_path / "c", good_rows())
+    with pytest.raises(SchemaError, match=r"missing column 'caption_short'"):
+        prepare(data_cfg(tmp_path / "c", extra_captions=["caption_short"]))
 
 
 def test_unreadable_and_empty_storage(tmp_path):
@@ -61,9 +64,11 @@ def test_decode_and_preprocess_flags_bad_rows():
     assert decode_image(png(size=20), 16).shape == (16, 16, 3)
     assert decode_image(b"garbage", 16) is None and decode_image(None, 16) is None
     tok = WordTokenizer(["a", "red", "circle"])
-    fn = Preprocess(tok, 16, 8, (0.5,) * 3, (0.5,) * 3)
+    fn = Preprocess(tok, make_config({}, ["data.image_size=16", "data.context_length=8", "data.extra_captions=[short]"]).data)
     out = fn({"id": np.array(["x", "y", "z", "w"]), "image": np.array([png(), b"bad", png(), b"bad"], dtype=object),
-              "caption": np.array(["a red circle", "a red circle", "  ", None], dtype=object)})  # fmt: skip
+              "caption": np.array(["a red circle", "a red circle", "  ", None], dtype=object),
+              "short": np.array(["circle", "red", "", "a"], dtype=object)})  # fmt: skip
+    assert out["tokens_short"].tolist()[0] == [1, 6, 2, 0, 0, 0, 0, 0]
     assert out["pixels"].shape == (4, 3, 16, 16) and out["pixels"].dtype == np.float32
     assert out["bad_image"].tolist() == [False, True, False, True]
     assert out["empty_caption"].tolist() == [False, False, True, False]  # one reason per row

@@ -189,3 +189,27 @@ def test_ranking_consistency_teacher_reference_and_order1():
     s = clip_logits(u, v, 10.0)
     want = 0.5 * (plackett_luce_loss(s, rank_targets(s.T)) + plackett_luce_loss(s.T, rank_targets(s)))
     assert cross.item() == pytest.approx(want.item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("pairwise, tuplewise", [(False, True), (True, False)])
+def test_term_switches_remove_exactly_their_terms(pairwise, tuplewise):
+    """pairwise / tuple-wise off (the ablations) equal the full module with those λ at 0."""
+    torch.manual_seed(6)
+    b, n = 3, 6
+    scores, emb = torch.randn(b, n, dtype=torch.float64), torch.randn(n, 5, dtype=torch.float64)
+    target = torch.stack([torch.randperm(n) for _ in range(b)])
+    full = Transition(5, 4, max_order=4).double()
+    part = Transition(5, 4, max_order=4, pairwise=pairwise, tuplewise=tuplewise).double()
+    with torch.no_grad():
+        full.lam.copy_(torch.tensor([0.7, -0.4, 0.9], dtype=torch.float64))
+        part.lam.copy_(full.lam)
+        if pairwise:
+            part.pair.weight.copy_(full.pair.weight)
+            full.lam[1:] = 0
+        else:
+            part.tuple.weight.copy_(full.tuple.weight)
+            full.lam[0] = 0
+    assert (part.pair is None) != pairwise and (part.tuple is None) != tuplewise
+    got = plackett_luce_loss(scores, target, 4, None, lambda p, r: part(emb, p, r))
+    want = plackett_luce_loss(scores, target, 4, None, lambda p, r: full(emb, p, r))
+    assert got.item() == pytest.approx(want.item(), abs=1e-12)

@@ -47,7 +47,7 @@ def prepare(cfg: DataConfig) -> DataSource:
             meta = pq.read_metadata(f, filesystem=fs)
         except (OSError, pa.ArrowInvalid) as e:
             raise SchemaError(f"{shown(f)}: not a readable parquet file ({e})") from None
-        validate_schema(meta.schema.to_arrow_schema(), shown(f), cfg.caption_column)
+        validate_schema(meta.schema.to_arrow_schema(), shown(f), cfg.caption_column, cfg.extra_captions)
         rows += meta.num_rows
     vocabulary = None
     if cfg.tokenizer == "word":
@@ -73,8 +73,8 @@ def train_dataset(src: DataSource, cfg: DataConfig, seed: int, cache=None):
 
     fs, _ = resolve(src.path, cfg.s3)
     ds = ray.data.read_parquet(
-        list(src.files), filesystem=fs, columns=["id", "image", cfg.caption_column], num_cpus=cfg.num_cpus,
+        list(src.files), filesystem=fs, columns=["id", "image", cfg.caption_column, *cfg.extra_captions], num_cpus=cfg.num_cpus,
         include_paths=cache is not None,  # the file names the cache shard to join against
     ).randomize_block_order(seed=seed)  # fmt: skip
-    fn = Preprocess(src.tokenizer(cfg), cfg.image_size, cfg.context_length, cfg.mean, cfg.std, cfg.caption_column, cache)
+    fn = Preprocess(src.tokenizer(cfg), cfg, cache)
     return ds.map_batches(fn, batch_format="numpy", batch_size=256, num_cpus=cfg.num_cpus)

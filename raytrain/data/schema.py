@@ -18,10 +18,11 @@ class SchemaError(ValueError):
     """A dataset file whose columns cannot be trained on; the message names file and column."""
 
 
-def validate_schema(schema: pa.Schema, where: str, caption_column: str = "caption") -> None:
+def validate_schema(schema: pa.Schema, where: str, caption_column: str = "caption", extra_captions=()) -> None:
     """Raise SchemaError naming `where` and the first missing or mistyped column."""
-    for name, types in TRAIN_COLUMNS.items():
-        column = caption_column if name == "caption" else name
+    columns = [(caption_column if n == "caption" else n, t) for n, t in TRAIN_COLUMNS.items()]
+    columns += [(c, TRAIN_COLUMNS["caption"]) for c in extra_captions]
+    for column, types in columns:
         if column not in schema.names:
             raise SchemaError(f"{where}: missing column {column!r} (columns present: {', '.join(schema.names)})")
         got = schema.field(column).type

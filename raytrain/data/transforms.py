@@ -85,12 +85,13 @@ class Preprocess:
     cache shard of the row's file.
     """
 
-    def __init__(self, tokenizer, size: int, context_length: int, mean, std, caption_column: str = "caption", cache=None):
-        self.tokenizer, self.size, self.length = tokenizer, size, context_length
-        self.mean, self.std, self.caption, self.cache = mean, std, caption_column, cache
+    def __init__(self, tokenizer, cfg, cache=None):
+        self.tokenizer, self.cfg, self.cache = tokenizer, cfg, cache
+        self.size = cfg.image_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        captions = batch[self.caption]
+        cfg = self.cfg
+        captions = batch[cfg.caption_column]
         decoded = [decode_image(b, self.size) for b in batch["image"]]
         bad = np.array([d is None for d in decoded])
         empty = np.array([c is None or not str(c).strip() for c in captions])
@@ -99,11 +100,13 @@ class Preprocess:
         ids = np.asarray(batch["id"]).astype(str)
         out = {
             "id": ids,
-            "pixels": normalize(images, self.mean, self.std),
-            "tokens": self.tokenizer(["" if c is None else c for c in captions], self.length),
+            "pixels": normalize(images, cfg.mean, cfg.std),
+            "tokens": self.tokenizer(["" if c is None else c for c in captions], cfg.context_length),
             "bad_image": bad,
             "empty_caption": empty & ~bad,  # each skipped row counted under one reason
         }
+        for column in cfg.extra_captions:
+            out[f"tokens_{column}"] = self.tokenizer(["" if c is None else c for c in batch[column]], cfg.context_length)
         if self.cache is not None:
             out.update(self.teacher_outputs(ids, np.asarray(batch["path"]), ~(bad | empty)))
         return out

@@ -75,12 +75,13 @@ class Transition(nn.Module):
     all orders cost O(B·K·N·R) memory and no tuple is ever enumerated.
     """
 
-    def __init__(self, emb_dim: int, dim: int, max_order: int, detach: bool = True):
+    def __init__(self, emb_dim: int, dim: int, max_order: int, detach: bool = True, pairwise: bool = True, tuplewise: bool = True):
         super().__init__()
         self.max_order, self.detach, self.scale = max_order, detach, 1 / math.sqrt(dim)
-        self.pair = nn.Linear(emb_dim, 2 * dim, bias=False)
-        # only orders that exist get parameters (DDP rejects parameters that get no gradient)
-        self.tuple = nn.Linear(emb_dim, 3 * dim, bias=False) if max_order >= 3 else None
+        # only terms that exist get parameters (DDP rejects parameters that get no gradient);
+        # `pairwise` / `tuplewise` off are the ablations without those terms
+        self.pair = nn.Linear(emb_dim, 2 * dim, bias=False) if pairwise else None
+        self.tuple = nn.Linear(emb_dim, 3 * dim, bias=False) if max_order >= 3 and tuplewise else None
         self.lam = nn.Parameter(torch.zeros(max(max_order - 1, 0)))
 
     def forward(self, emb: Tensor, prefix: Tensor, order: int) -> Tensor:
@@ -99,10 +100,11 @@ class Transition(nn.Module):
             valid = torch.arange(k, device=prefix.device) >= m
             return x[idx], valid.view(1, k, 1)
 
-        q2, k2 = self.pair(e).chunk(2, dim=-1)
-        key, valid = previous(k2, 1)
-        out = out + self.lam[0] * torch.einsum("nd,bkd->bkn", q2, key) * self.scale * valid
-        if order < 3:
+        if self.pair is not None:
+            q2, k2 = self.pair(e).chunk(2, dim=-1)
+            key, valid = previous(k2, 1)
+            out = out + self.lam[0] * torch.einsum("nd,bkd->bkn", q2, key) * self.scale * valid
+        if order < 3 or self.tuple is None:
             return out
         q, kt, v = self.tuple(e).chunk(3, dim=-1)
         run_max = run_num = run_den = None

@@ -23,8 +23,8 @@ class RankCLIP(Method):
         loss = cfg.loss
         if loss.order >= 2:  # one transition per ranked modality
             dim = cfg.model.embed_dim
-            self.image_transition = Transition(dim, loss.transition_dim, loss.order, loss.detach_transition_emb)
-            self.text_transition = Transition(dim, loss.transition_dim, loss.order, loss.detach_transition_emb)
+            args = (dim, loss.transition_dim, loss.order, loss.detach_transition_emb, loss.pairwise, loss.tuplewise)
+            self.image_transition, self.text_transition = Transition(*args), Transition(*args)
         else:
             self.image_transition = self.text_transition = None
         # on-the-fly teacher only when targets need it and no cache supplies its outputs
