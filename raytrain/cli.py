@@ -23,6 +23,10 @@ def main(argv: list[str] | None = None) -> int:
     cache.add_argument("--config", help="YAML config file (default: the built-in defaults)")
     cache.add_argument("overrides", nargs="*", help="dotted config overrides (cache.teachers=[dinov3,text])")
 
+    export = sub.add_parser("export", help="write a checkpoint's student as safetensors + config (no Ray needed to use it)")
+    export.add_argument("checkpoint", help="a trial checkpoint directory (holds model.pt and config.json)")
+    export.add_argument("--out", required=True, help="output directory")
+
     data = sub.add_parser("data", help="generate the embedded default dataset")
     data.add_argument("out_dir")
     data.add_argument("--n-train", type=int, default=4096)
@@ -42,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
             from raytrain.teachers.cache import build_cache
 
             build_cache(load_config(args.config, args.overrides))
+        elif args.command == "export":
+            from raytrain.export import export
+
+            print(f"raytrain: student exported to {export(args.checkpoint, args.out)}")
         elif args.command == "data":
             from raytrain.data.synthetic import make_dataset
 
