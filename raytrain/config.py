@@ -178,6 +178,30 @@ class LossConfig(Section):
     detach_transition_emb: bool = True
 
 
+class FusionConfig(Section):
+    """DINORANKCLIP's distillation and injection (METHODS.md §4); each switch is an
+    ablation row. Injection is the identity at initialization (zero-initialized scale)."""
+
+    image_injection: bool = True  # teacher multi-scale patches → fusion → gated residual
+    text_injection: bool = True  # text teacher → projector → gated residual (needs the cache)
+    channel_attention: bool = True
+    spatial_attention: bool = True
+    refiner: bool = True
+    gate: bool = True  # conflict-aware gate; off = plain zero-init residual
+    distill: bool = True  # student tokens → teacher patches, global → teacher CLS (cosine)
+    distill_weight: float = Field(1.0, ge=0)  # λ_d
+    eval_inject: bool = False  # evaluate with teacher features injected (else the student alone)
+
+
+class BaselinesConfig(Section):
+    """The baselines' own hyperparameters (METHODS.md §5)."""
+
+    cyclip_in: float = Field(0.25, ge=0)  # λ₁, in-modal consistency
+    cyclip_cross: float = Field(0.25, ge=0)  # λ₂, cross-modal consistency
+    alip_momentum: float = Field(0.99, ge=0, lt=1)
+    alip_caption: str = "caption_short"  # ALIP's synthetic caption column
+
+
 class OptimConfig(Section):
     name: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(2e-3, gt=0)
@@ -224,12 +248,19 @@ class TrainConfig(Section):
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
     report_every: int = Field(50, ge=1)  # steps between ray.train.report calls (~2 s each)
     max_steps: int | None = Field(None, ge=1)  # cap per trial, for smoke runs
+    # checkpoint with every N-th step's report (multiple of report_every; 0 = only the end)
+    checkpoint_every: int = Field(0, ge=0)
+    keep_checkpoints: int = Field(2, ge=1)  # retention: the last N, or the best N by keep_by
+    keep_by: str | None = None  # a reported metric, e.g. "loss" (min) or "mean_r@1" (max)
+    max_failures: int = Field(0, ge=-1)  # worker failures to recover from (-1 = always)
     eval: bool = True
 
     @model_validator(mode="after")
     def _batch_splits(self):
         if self.batch_size % self.num_workers:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by num_workers {self.num_workers}")
+        if self.checkpoint_every % self.report_every:
+            raise ValueError(f"checkpoint_every {self.checkpoint_every} is not a multiple of report_every {self.report_every}")
         return self
 
 
@@ -248,6 +279,8 @@ class Config(Section):
     teachers: TeachersConfig = TeachersConfig()
     cache: CacheConfig = CacheConfig()
     loss: LossConfig = LossConfig()
+    fusion: FusionConfig = FusionConfig()
+    baselines: BaselinesConfig = BaselinesConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     run: RunConfig = RunConfig()
@@ -260,6 +293,13 @@ class Config(Section):
             raise ValueError(f"unknown method {self.method!r}; registered: {', '.join(list_methods())}")
         if self.cache.use and self.loss.target == "teacher" and "dinov3" not in self.cache.teachers:
             raise ValueError("loss.target=teacher with cache.use=true needs 'dinov3' in cache.teachers")
+        if self.method == "dinorankclip" and self.fusion.text_injection and not (self.cache.use and "text" in self.cache.teachers):
+            raise ValueError("fusion.text_injection reads the text teacher from the cache: set cache.use=true and "
+                             "add 'text' to cache.teachers (or fusion.text_injection=false)")  # fmt: skip
+        if self.method == "alip" and self.baselines.alip_caption not in self.data.extra_captions:
+            raise ValueError(f"alip reads its synthetic caption {self.baselines.alip_caption!r}: add it to data.extra_captions")
+        if self.method == "dinorankclip" and self.cache.use and "dinov3" not in self.cache.teachers:
+            raise ValueError("dinorankclip with cache.use=true needs 'dinov3' in cache.teachers")
         return self
 
     def override(self, overrides: dict[str, Any] | list[str]) -> Config:

@@ -1,5 +1,6 @@
-"""Every registered method builds, trains a step and keeps frozen parts frozen; the order
-family nests: an order-0 trial is exactly CLIP."""
+"""Every registered method builds, trains a step on a cache-fed batch and keeps frozen
+parts frozen and out of checkpoints; the families nest: an order-0 trial is exactly CLIP,
+an order-R model starts as RankCLIP, and DINORANKCLIP starts as RankCLIP at its order."""
 
 import pytest
 import torch
@@ -9,12 +10,21 @@ from raytrain.methods import build_method, list_methods
 
 TINY = ["model.image.width=16", "model.image.heads=2", "model.image.patch=8", "model.text.width=16",
         "model.text.heads=2", "model.embed_dim=8", "data.image_size=16", "data.context_length=6",
-        "teachers.dinov3.image_size=16"]  # fmt: skip
+        "teachers.dinov3.image_size=16", "teachers.dinov3.grid=2", "data.extra_captions=[caption_short]",
+        "cache.use=true", "cache.teachers=[dinov3,text]"]  # fmt: skip
 
 
 def batch(n=6):
+    """What the cache-fed training stream delivers (tiny DINOv3: 64-d, 4 layers, grid 2)."""
     g = torch.Generator().manual_seed(0)
-    return {"pixels": torch.randn(n, 3, 16, 16, generator=g), "tokens": torch.randint(4, 30, (n, 6), generator=g)}
+    return {
+        "pixels": torch.randn(n, 3, 16, 16, generator=g),
+        "tokens": torch.randint(4, 30, (n, 6), generator=g),
+        "tokens_caption_short": torch.randint(4, 30, (n, 6), generator=g),
+        "dinov3_cls": torch.randn(n, 64, generator=g),
+        "dinov3_multiscale": torch.randn(n, 4, 4, 64, generator=g),
+        "text": torch.nn.functional.normalize(torch.randn(n, 384, generator=g), dim=-1),
+    }
 
 
 def build(overrides):
@@ -30,6 +40,8 @@ def test_every_method_trains_a_step(name, order):
     assert loss.ndim == 0 and torch.isfinite(loss) and all(torch.isfinite(torch.as_tensor(v)) for v in logs.values())
     loss.backward()
     assert all(p.grad is not None for p in method.student.parameters())
+    assert not any(k.startswith(("teacher.", "text_teacher.")) for k in method.state_dict())  # never checkpointed
+    assert build([f"method={name}", f"loss.order={order}"]).load_state_dict(method.state_dict())
 
 
 def test_order_zero_trains_exactly_clip():
@@ -43,17 +55,56 @@ def test_order_zero_trains_exactly_clip():
 
 
 def test_higher_order_starts_as_rankclip():
-    """λ_r = 0 at init, so order 4 equals order 1 in value and in the student's gradients."""
+    """λ_r = 0 at init, so order 4 equals order 1 in value."""
     one, four = build(["loss.order=1"]), build(["loss.order=4"])
-    l1, _ = one(batch(), 3.0)
-    l4, _ = four(batch(), 3.0)
-    assert l4.item() == pytest.approx(l1.item(), abs=1e-6)
+    assert four(batch(), 3.0)[0].item() == pytest.approx(one(batch(), 3.0)[0].item(), abs=1e-6)
+
+
+@pytest.mark.parametrize("order", [1, 3])
+def test_dinorankclip_starts_as_rankclip(order):
+    """Injection is the identity at init: without distillation, DINORANKCLIP's loss and
+    student gradients equal RankCLIP's at the same order, both branches on."""
+    rank = build(["method=rankclip", f"loss.order={order}"])
+    dino = build(["method=dinorankclip", f"loss.order={order}", "fusion.distill=false"])
+    dino.student.load_state_dict(rank.student.state_dict())
+    if order >= 2:
+        dino.image_transition.load_state_dict(rank.image_transition.state_dict())
+        dino.text_transition.load_state_dict(rank.text_transition.state_dict())
+    lr, _ = rank(batch(), 3.0)
+    ld, logs = dino(batch(), 3.0)
+    lr.backward(), ld.backward()
+    assert ld.item() == pytest.approx(lr.item(), abs=1e-6) and "image_gate" in logs and "text_gate" in logs
+    for (n, a), (_, b) in zip(rank.student.named_parameters(), dino.student.named_parameters()):
+        torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-5, msg=n)
+    assert dino.image_injection.gate.alpha.grad.abs().sum() > 0  # the branch can open
 
 
 def test_teacher_targets_leave_teacher_frozen():
-    method = build(["loss.order=2", "loss.target=teacher"])
+    method = build(["loss.order=2", "loss.target=teacher", "cache.use=false"])
     loss, _ = method(batch(), 3.0)
     loss.backward()
     assert method.teacher is not None
     assert all(p.grad is None and not p.requires_grad for p in method.teacher.parameters())
-    assert loss.item() != build(["loss.order=2"])(batch(), 3.0)[0].item()  # different targets
+    cached = build(["loss.order=2", "loss.target=teacher"])
+    assert cached.teacher is None  # the cache supplies the teacher's outputs
+
+
+def test_dinorankclip_live_teacher_and_eval_injection():
+    method = build(["method=dinorankclip", "loss.order=2", "cache.use=false", "fusion.text_injection=false", "fusion.eval_inject=true"])
+    b = batch()
+    del b["dinov3_cls"], b["dinov3_multiscale"]
+    loss, _ = method(b, 2.0)
+    loss.backward()
+    assert all(p.grad is None for p in method.teacher.parameters())
+    with torch.no_grad():
+        emb = method.encode_images(b["pixels"])
+    assert emb.shape == (6, 8) and torch.allclose(emb.norm(dim=-1), torch.ones(6))
+
+
+def test_method_requirements_are_checked():
+    from raytrain.config import ConfigError
+
+    with pytest.raises(ConfigError, match="text_injection reads the text teacher from the cache"):
+        make_config({}, ["method=dinorankclip", "cache.use=false"])
+    with pytest.raises(ConfigError, match="add it to data.extra_captions"):
+        make_config({}, ["method=alip"])

@@ -77,4 +77,7 @@ def train_dataset(src: DataSource, cfg: DataConfig, seed: int, cache=None):
         include_paths=cache is not None,  # the file names the cache shard to join against
     ).randomize_block_order(seed=seed)  # fmt: skip
     fn = Preprocess(src.tokenizer(cfg), cfg, cache)
-    return ds.map_batches(fn, batch_format="numpy", batch_size=256, num_cpus=cfg.num_cpus)
+    ds = ds.map_batches(fn, batch_format="numpy", batch_size=256, num_cpus=cfg.num_cpus)
+    # a deterministic order, so a run resumed from a checkpoint skips exactly the batches it saw
+    ds.context.execution_options.preserve_order = True
+    return ds

@@ -27,4 +27,4 @@ def build_method(cfg, vocab_size: int, pad_id: int = 0):
     return _METHODS[cfg.method](cfg, vocab_size, pad_id)
 
 
-from raytrain.methods import clip, rankclip  # noqa: E402,F401  (registers them)
+from raytrain.methods import alip, clip, cyclip, dinorankclip, rankclip  # noqa: E402,F401  (registers them)

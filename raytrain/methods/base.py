@@ -12,14 +12,34 @@ class Method(nn.Module):
     the second epoch), for schedules such as RankCLIP's ranking-weight ramp."""
 
     name = "base"
+    # frozen teachers are rebuilt from config, never saved: a ViT-L would add 1.2 GB per checkpoint
+    frozen = ("teacher.", "text_teacher.")
 
     def __init__(self, cfg, vocab_size: int, pad_id: int = 0):
         super().__init__()
         self.cfg = cfg
         self.student = cfg.model.build(vocab_size, cfg.data.image_size, cfg.data.context_length, pad_id)
+        self._register_state_dict_hook(_drop_frozen)
+        self.register_load_state_dict_post_hook(_ignore_missing_frozen)
+
+    def encode_images(self, pixels: Tensor) -> Tensor:
+        """Evaluation embeddings of images (the student alone unless a method injects)."""
+        return self.student.encode_image(pixels)
+
+    def encode_texts(self, tokens: Tensor, captions: list[str]) -> Tensor:
+        return self.student.encode_text(tokens)
 
     def embed(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor, Tensor]:
         """Global-batch (image, text) embeddings, gradients to this rank's rows, and the scale."""
         u = self.student.encode_image(batch["pixels"])
         v = self.student.encode_text(batch["tokens"])
         return gather(u), gather(v), self.student.logit_scale()
+
+
+def _drop_frozen(module, state, prefix, local_metadata):
+    for key in [k for k in state if k[len(prefix) :].startswith(Method.frozen)]:
+        del state[key]
+
+
+def _ignore_missing_frozen(module, keys):
+    keys.missing_keys[:] = [k for k in keys.missing_keys if not k.startswith(Method.frozen)]

@@ -22,8 +22,7 @@ class RankCLIP(Method):
         super().__init__(cfg, vocab_size, pad_id)
         loss = cfg.loss
         if loss.order >= 2:  # one transition per ranked modality
-            dim = cfg.model.embed_dim
-            args = (dim, loss.transition_dim, loss.order, loss.detach_transition_emb, loss.pairwise, loss.tuplewise)
+            args = (cfg.model.embed_dim, loss.transition_dim, loss.order, loss.detach_transition_emb, loss.pairwise, loss.tuplewise)
             self.image_transition, self.text_transition = Transition(*args), Transition(*args)
         else:
             self.image_transition = self.text_transition = None
@@ -33,6 +32,10 @@ class RankCLIP(Method):
 
     def forward(self, batch, epoch: float):
         u, v, scale = self.embed(batch)
+        return self.objective(u, v, scale, batch, epoch)
+
+    def objective(self, u, v, scale, batch, epoch: float):
+        """L_clip + w(e) · L_rank(R) on global-batch embeddings; (loss, logs)."""
         contrastive = clip_loss(u, v, scale)
         logs = {"clip": contrastive.detach(), "logit_scale": scale.detach()}
         cfg = self.cfg.loss
@@ -40,8 +43,7 @@ class RankCLIP(Method):
             return contrastive, logs
         reference = None
         if cfg.target == "teacher":
-            cls = batch["dinov3_cls"] if "dinov3_cls" in batch else self.teacher(batch["pixels"]).cls
-            c = F.normalize(gather(cls), dim=-1)
+            c = F.normalize(gather(self.teacher_cls(batch)), dim=-1)
             reference = c @ c.T
         rank = ranking_consistency_loss(
             u, v, scale, cfg.order, cfg.depth, cfg.in_modal, reference, self.image_transition, self.text_transition
@@ -49,3 +51,7 @@ class RankCLIP(Method):
         weight = cfg.weight * (ramp(epoch, self.cfg.train.epochs) if cfg.ramp else 1.0)
         logs.update(rank=rank.detach(), rank_weight=torch.tensor(weight))
         return contrastive + weight * rank, logs
+
+    def teacher_cls(self, batch):
+        """The DINOv3 CLS of the batch: cached, or computed by the live teacher."""
+        return batch["dinov3_cls"] if "dinov3_cls" in batch else self.teacher(batch["pixels"]).cls

@@ -86,6 +86,17 @@ def load_model(path: str) -> tuple[DINOv3ViTModel, tuple, tuple]:
     return model, mean, std
 
 
+def describe(cfg) -> tuple[int, int, int]:
+    """(hidden size, number of multi-scale layers, grid) of the configured teacher, without
+    building it (a student sized to the teacher's outputs need not load its weights)."""
+    if cfg.path:
+        config = json.loads((Path(cfg.path) / "config.json").read_text())
+        dim, depth = config["hidden_size"], config["num_hidden_layers"]
+    else:
+        dim, depth = SIZES[cfg.size]["hidden_size"], SIZES[cfg.size]["num_hidden_layers"]
+    return dim, len(cfg.layers or default_layers(depth)), cfg.grid
+
+
 class DINOv3Teacher(nn.Module):
     """Frozen DINOv3 ViT. Always in eval mode, never requires grad, forward under no_grad."""
 

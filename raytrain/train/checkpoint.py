@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 WEIGHTS, CONFIG = "model.pt", "config.json"
@@ -33,3 +35,21 @@ def load(directory: str | Path) -> tuple[dict, dict]:
     directory = Path(directory)
     meta = json.loads((directory / CONFIG).read_text())
     return torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True), meta
+
+
+def get_rng_state() -> dict:
+    """Python, numpy and torch RNG states in types that torch.load(weights_only=True) reads."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])

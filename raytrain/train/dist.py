@@ -50,3 +50,12 @@ def all_sum(values: list[float], device="cpu") -> list[float]:
     if world_size() > 1:
         dist.all_reduce(t)
     return t.tolist()
+
+
+def gather_objects(obj) -> list:
+    """`obj` from every rank, in rank order (picklable objects, e.g. RNG states)."""
+    if world_size() == 1:
+        return [obj]
+    out = [None] * world_size()
+    dist.all_gather_object(out, obj)
+    return out

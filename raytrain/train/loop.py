@@ -16,8 +16,9 @@ from raytrain.data.pipeline import DataSource
 from raytrain.data.schema import SKIP_REASONS
 from raytrain.methods import build_method
 from raytrain.train import checkpoint
-from raytrain.train.dist import all_sum
+from raytrain.train.dist import all_sum, gather_objects
 from raytrain.train.engine import build_engine
+from raytrain.train.checkpoint import get_rng_state, set_rng_state
 
 ROW_INFO = ("id", "path", *SKIP_REASONS)  # batch columns that are not model inputs
 
@@ -44,54 +45,74 @@ def train_loop_per_worker(payload: dict) -> None:
         raise ValueError(f"train.batch_size {cfg.train.batch_size} exceeds the {src.num_rows} training rows")
     total = min(cfg.train.epochs * steps_per_epoch, cfg.train.max_steps or 1 << 62)
     engine = build_engine(method, cfg, total, device)
+    progress = {"step": 0, "seen": 0, "skipped": dict.fromkeys(SKIP_REASONS, 0)}
+    if (resumed := ray.train.get_checkpoint()) is not None:  # after a failure: continue exactly
+        with resumed.as_directory() as d:
+            saved, _ = checkpoint.load(d)
+        engine.load_state_dict(saved["engine"])
+        progress = saved["progress"]
+        set_rng_state(saved["rng"][rank])
+        print(f"raytrain: rank {rank} resumed at step {progress['step']} from {resumed.path}", flush=True)
     shard = ray.train.get_dataset_shard("train")
 
-    skipped = dict.fromkeys(SKIP_REASONS, 0)
-    step, window, seen, logs = 0, [], 0, {}
-    for epoch in range(cfg.train.epochs):
+    window, logs, first_batch_s = [], {}, None
+    for epoch in range(progress["step"] // steps_per_epoch, cfg.train.epochs):
         batches = shard.iter_batches(
             batch_size=local_batch, batch_format="numpy", drop_last=True,
             local_shuffle_buffer_size=4 * local_batch, local_shuffle_seed=cfg.seed * 7919 + epoch * 31 + rank,
         )  # fmt: skip
+        done_in_epoch = progress["step"] - epoch * steps_per_epoch  # data position on resume
         for i, batch in enumerate(batches):
-            if step == 0:
-                first_batch_s = time.perf_counter() - started
-            if i >= steps_per_epoch or step >= total:  # the same step count on every rank
+            if i >= steps_per_epoch or progress["step"] >= total:  # the same step count on every rank
                 break
+            if i < done_in_epoch:
+                continue
+            first_batch_s = first_batch_s or time.perf_counter() - started
             t0 = time.perf_counter()
             keep = ~(batch["bad_image"] | batch["empty_caption"])
             for reason in SKIP_REASONS:
-                skipped[reason] += int(batch[reason].sum())
+                progress["skipped"][reason] += int(batch[reason].sum())
             inputs = {k: torch.from_numpy(v[keep]).to(device) for k, v in batch.items() if k not in ROW_INFO}
             loss, logs = engine(inputs, 1 + epoch + i / steps_per_epoch)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {step} (epoch {epoch}); lower optim.lr?")
+                raise FloatingPointError(f"loss became {loss.item()} at step {progress['step']} (epoch {epoch}); lower optim.lr?")
             stats = engine.step(loss)
             window.append(time.perf_counter() - t0)
-            seen += int(keep.sum())
-            step += 1
+            progress["seen"] += int(keep.sum())
+            progress["step"] += 1
+            step = progress["step"]
             if step % cfg.train.report_every == 0 and step < total:
-                ray.train.report(_metrics(loss, logs, stats, step, epoch, window, local_batch))
+                save = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
+                report(_metrics(loss, logs, stats, step, epoch, window, local_batch), engine, progress, cfg, payload, rank, save)
                 window = []
-        if step >= total:
+        if progress["step"] >= total:
             break
 
     # Final report: skipped-row counts summed over ranks (a collective every rank runs),
-    # evaluation and the checkpoint on rank 0 (no collective inside either).
+    # evaluation on rank 0 (no collective inside) and the final checkpoint.
+    skipped = progress["skipped"]
     counts = dict(zip(SKIP_REASONS, all_sum([skipped[r] for r in SKIP_REASONS])))
-    metrics = _metrics(loss, logs, stats, step, epoch, window, local_batch)
+    metrics = _metrics(loss, logs, stats, progress["step"], epoch, window, local_batch)
     metrics.update({f"skipped_{r}": int(n) for r, n in counts.items()}, skipped_rows=int(sum(counts.values())))
-    metrics["samples_seen"] = int(all_sum([seen])[0])
-    metrics.update(world_size=world, startup_s=first_batch_s, train_s=time.perf_counter() - started - first_batch_s)
-    if rank != 0:
+    metrics["samples_seen"] = int(all_sum([progress["seen"]])[0])
+    metrics.update(world_size=world, startup_s=first_batch_s or 0.0, train_s=time.perf_counter() - started - (first_batch_s or 0.0))
+    if rank == 0 and cfg.train.eval and src.eval_dir:
+        t0 = time.perf_counter()
+        metrics.update(evaluate(method, tokenizer, cfg, src.eval_dir, device))
+        metrics["eval_s"] = time.perf_counter() - t0
+    report(metrics, engine, progress, cfg, payload, rank, save=True)
+
+
+def report(metrics: dict, engine, progress: dict, cfg, payload: dict, rank: int, save: bool) -> None:
+    """ray.train.report on every rank; with `save`, rank 0 attaches a checkpoint holding
+    the engine state, the progress (step, data position, counters) and every rank's RNG."""
+    rngs = gather_objects(get_rng_state()) if save else None  # a collective: all ranks
+    if not save or rank != 0:
         ray.train.report(metrics)
         return
-    if cfg.train.eval and src.eval_dir:
-        t0 = time.perf_counter()
-        metrics.update(evaluate(method.student, tokenizer, cfg, src.eval_dir, device))
-        metrics["eval_s"] = time.perf_counter() - t0
+    state = {"engine": engine.state_dict(), "progress": progress, "rng": rngs}
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = checkpoint.save(f"{tmp}/ckpt", {"method": method.state_dict()}, cfg, {"source": payload["source"]})
+        ckpt = checkpoint.save(f"{tmp}/ckpt", state, cfg, {"source": payload["source"]})
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt))
 
 
@@ -105,23 +126,23 @@ def _metrics(loss, logs, stats, step, epoch, window, local_batch) -> dict:
 
 
 @torch.no_grad()
-def evaluate(student, tokenizer, cfg, eval_dir: str, device) -> dict[str, float]:
-    """The embedded evaluation suite on the student alone."""
+def evaluate(method, tokenizer, cfg, eval_dir: str, device) -> dict[str, float]:
+    """The embedded evaluation suite on the method's evaluation encoders."""
     from raytrain.data.transforms import decode_image, normalize
     from raytrain.eval.suite import evaluate as run_suite
 
-    student.eval()
+    method.eval()
     size, length = cfg.data.image_size, cfg.data.context_length
 
     def images(data: list[bytes]) -> torch.Tensor:
         decoded = [decode_image(b, size) for b in data]
         if any(d is None for d in decoded):
             raise ValueError(f"an evaluation image in {eval_dir} does not decode")
-        return student.encode_image(torch.from_numpy(normalize(np.stack(decoded), cfg.data.mean, cfg.data.std)).to(device))
+        return method.encode_images(torch.from_numpy(normalize(np.stack(decoded), cfg.data.mean, cfg.data.std)).to(device))
 
     def texts(captions: list[str]) -> torch.Tensor:
-        return student.encode_text(torch.from_numpy(tokenizer(captions, length)).to(device))
+        return method.encode_texts(torch.from_numpy(tokenizer(captions, length)).to(device), captions)
 
     results = run_suite(images, texts, eval_dir)
-    student.train()
+    method.train()
     return results

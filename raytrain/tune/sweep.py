@@ -74,7 +74,7 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> tuple[Space, Conf
 def run_trial(params: dict[str, Any], base: dict, source, cache=None) -> None:
     """Tune function trainable: one Ray Train run of the base config with this trial's params."""
     from ray import tune
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
@@ -97,7 +97,12 @@ def run_trial(params: dict[str, Any], base: dict, source, cache=None) -> None:
             # beside the Tune experiment, so one storage path (local, NFS or S3) holds the sweep
             storage_path=os.path.join(os.path.expanduser(cfg.run.storage_path), ctx.get_experiment_name(), "train_runs"),
             callbacks=[TuneReportCallback()],
-            failure_config=FailureConfig(max_failures=0),
+            failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+            checkpoint_config=CheckpointConfig(
+                num_to_keep=cfg.train.keep_checkpoints,
+                checkpoint_score_attribute=cfg.train.keep_by,
+                checkpoint_score_order="min" if cfg.train.keep_by in (None, "loss") else "max",
+            ),
         ),
     )
     trainer.fit()
@@ -137,7 +142,7 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), resume: str | N
         )
     print(f"raytrain: {len(trials)} trials of {space.name}; data {source.path} ({source.num_rows} rows)", flush=True)
     grid = tuner.fit()
-    return write_sweep_report(grid, space)
+    return write_sweep_report(grid, space, base.seed)
 
 
 def shared_cache(base: Config, source, trials: list[dict[str, Any]]):
@@ -152,8 +157,8 @@ def shared_cache(base: Config, source, trials: list[dict[str, Any]]):
     return CacheReader(cache_dir(base, source), source.files, manifest["shapes"], base.data.s3.model_dump())
 
 
-def trial_table(grid, space: Space) -> pd.DataFrame:
-    """One row per trial: id, status, error, grid params, final metrics."""
+def trial_table(grid, space: Space, base_seed: int) -> pd.DataFrame:
+    """One row per trial: id, status, error, seed, grid params, final metrics."""
     rows = []
     for result in grid:
         params = {k: result.config.get(k) for k in space.grid}
@@ -162,6 +167,7 @@ def trial_table(grid, space: Space) -> pd.DataFrame:
             "trial_id": Path(result.path).name,
             "status": "ERROR" if result.error else "TERMINATED",
             "error": str(result.error) if result.error else None,
+            "seed": base_seed,
             **{k.split(".")[-1]: v for k, v in params.items()},
             **{m: float(metrics.get(m, float("nan"))) for m in space.metrics},
             "step_time": float(metrics.get("step_time", float("nan"))),
@@ -170,11 +176,11 @@ def trial_table(grid, space: Space) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def write_sweep_report(grid, space: Space) -> Path:
+def write_sweep_report(grid, space: Space, base_seed: int) -> Path:
     from raytrain.report import write_report
 
     exp = Path(grid.experiment_path)
-    table = trial_table(grid, space)
+    table = trial_table(grid, space, base_seed)
     group = space.group.split(".")[-1]
     notes = [
         f"Experiment directory: `{exp}` (resume with `--resume {exp}`).",

@@ -1,0 +1,104 @@
+"""DINORANKCLIP (METHODS.md §3–4): the order-R ranking family plus a frozen DINOv3 teacher
+distilled into and injected into the dual-branch student.
+
+    f = f_s + α ⊙ g ⊙ P(fusion(teacher multi-scale patches, student tokens))    image side
+    t = t_s + α ⊙ g ⊙ P(text teacher embedding)                                 text side
+    L = L_clip + w(e) · L_rank(R) + λ_d · [cos-distill(tokens → patches) + cos-distill(f_s → CLS)]
+
+α starts at 0, so at initialization the model is exactly RankCLIP at the same order. Every
+component is a `fusion.*` switch (the ablations). Teacher outputs come from the teacher cache
+(`dinov3_cls`, `dinov3_multiscale`, `text` columns) or, for the image side, the live teacher.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from raytrain.losses.distill import cosine_distill
+from raytrain.methods import register_method
+from raytrain.methods.rankclip import RankCLIP
+from raytrain.models.fusion import ImageInjection, TextInjection
+from raytrain.teachers.dinov3 import describe
+from raytrain.train.dist import gather
+
+TEXT_TEACHER_DIM = 384  # all-MiniLM-L6-v2, the default text teacher
+
+
+@register_method("dinorankclip")
+class DINORankCLIP(RankCLIP):
+    def __init__(self, cfg, vocab_size: int, pad_id: int = 0):
+        super().__init__(cfg, vocab_size, pad_id)
+        fusion, width, embed = cfg.fusion, cfg.model.image.width, cfg.model.embed_dim
+        dim, scales, grid = describe(cfg.teachers.dinov3)
+        self.image_injection = self.text_injection = None
+        if fusion.image_injection:
+            self.image_injection = ImageInjection(
+                dim, width, embed, scales, grid, use_channel=fusion.channel_attention,
+                use_spatial=fusion.spatial_attention, use_refiner=fusion.refiner, use_gate=fusion.gate,
+            )  # fmt: skip
+        if fusion.text_injection:
+            self.text_injection = TextInjection(TEXT_TEACHER_DIM, embed, use_gate=fusion.gate)
+        if fusion.distill:  # projectors from the student into the teacher's space
+            self.distill_local, self.distill_global = nn.Linear(width, dim), nn.Linear(embed, dim)
+        needs_live = not cfg.cache.use or fusion.eval_inject  # evaluation images are not cached
+        if needs_live and self.teacher is None:
+            self.teacher = cfg.teachers.dinov3.build(cfg.data.mean, cfg.data.std)
+        self.grid = grid
+        self.text_teacher = None  # built on first use by evaluation with injection (not saved)
+
+    def teacher_outputs(self, batch):
+        if "dinov3_multiscale" in batch:
+            return batch["dinov3_cls"], batch["dinov3_multiscale"]
+        out = self.teacher(batch["pixels"])
+        return out.cls, out.multiscale
+
+    def inject(self, batch):
+        """(image emb, text emb, student tokens, teacher CLS, teacher multi-scale, logs),
+        embeddings L2-normalized after injection."""
+        f_s, tokens = self.student.image(batch["pixels"])
+        t_s, _ = self.student.text(batch["tokens"])
+        cls, multiscale = self.teacher_outputs(batch)
+        logs = {}
+        f, t = f_s, t_s
+        if self.image_injection is not None:
+            f, gate = self.image_injection(f_s, multiscale, tokens, return_gate=True)
+            logs["image_gate"] = gate.mean().detach()
+        if self.text_injection is not None and "text" in batch:
+            t, gate = self.text_injection(t_s, batch["text"], return_gate=True)
+            logs["text_gate"] = gate.mean().detach()
+        return F.normalize(f, dim=-1), F.normalize(t, dim=-1), f_s, tokens, cls, multiscale, logs
+
+    def forward(self, batch, epoch: float):
+        u, v, f_s, tokens, cls, multiscale, logs = self.inject(batch)
+        loss, more = self.objective(gather(u), gather(v), self.student.logit_scale(), batch, epoch)
+        logs.update(more)
+        if self.cfg.fusion.distill:
+            side = int(tokens.shape[1] ** 0.5)
+            grid = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
+            local = F.adaptive_avg_pool2d(grid, self.grid).flatten(2).transpose(1, 2)  # [B, g², width]
+            distill = cosine_distill(self.distill_local(local), multiscale[:, -1]) + cosine_distill(
+                self.distill_global(f_s), cls
+            )
+            logs["distill"] = distill.detach()
+            loss = loss + self.cfg.fusion.distill_weight * distill
+        return loss, logs
+
+    def teacher_cls(self, batch):
+        return self.teacher_outputs(batch)[0]
+
+    def encode_images(self, pixels):
+        if not self.cfg.fusion.eval_inject or self.image_injection is None:
+            return super().encode_images(pixels)
+        f_s, tokens = self.student.image(pixels)
+        out = self.teacher(pixels)
+        return F.normalize(self.image_injection(f_s, out.multiscale, tokens), dim=-1)
+
+    def encode_texts(self, tokens, captions):
+        if not self.cfg.fusion.eval_inject or self.text_injection is None:
+            return super().encode_texts(tokens, captions)
+        if self.text_teacher is None:
+            self.text_teacher = self.cfg.teachers.text.build().to(tokens.device)
+        t_s, _ = self.student.text(tokens)
+        with torch.no_grad():
+            w = self.text_teacher.encode(list(captions)).to(tokens.device)
+        return F.normalize(self.text_injection(t_s, w), dim=-1)
