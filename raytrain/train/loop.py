@@ -45,12 +45,12 @@ def train_loop_per_worker(payload: dict) -> None:
         raise ValueError(f"train.batch_size {cfg.train.batch_size} exceeds the {src.num_rows} training rows")
     total = min(cfg.train.epochs * steps_per_epoch, cfg.train.max_steps or 1 << 62)
     engine = build_engine(method, cfg, total, device)
-    progress = {"step": 0, "seen": 0, "skipped": dict.fromkeys(SKIP_REASONS, 0)}
+    progress = {"step": 0, "seen": 0, "skipped": dict.fromkeys(SKIP_REASONS, 0), "resumed_step": -1}
     if (resumed := ray.train.get_checkpoint()) is not None:  # after a failure: continue exactly
         with resumed.as_directory() as d:
             saved, _ = checkpoint.load(d)
         engine.load_state_dict(saved["engine"])
-        progress = saved["progress"]
+        progress = {**saved["progress"], "resumed_step": saved["progress"]["step"]}
         set_rng_state(saved["rng"][rank])
         print(f"raytrain: rank {rank} resumed at step {progress['step']} from {resumed.path}", flush=True)
     shard = ray.train.get_dataset_shard("train")
@@ -95,7 +95,7 @@ def train_loop_per_worker(payload: dict) -> None:
     metrics = _metrics(loss, logs, stats, progress["step"], epoch, window, local_batch)
     metrics.update({f"skipped_{r}": int(n) for r, n in counts.items()}, skipped_rows=int(sum(counts.values())))
     metrics["samples_seen"] = int(all_sum([progress["seen"]])[0])
-    metrics.update(world_size=world, startup_s=first_batch_s or 0.0, train_s=time.perf_counter() - started - (first_batch_s or 0.0))
+    metrics.update(resumed_step=progress["resumed_step"], world_size=world, startup_s=first_batch_s or 0.0, train_s=time.perf_counter() - started - (first_batch_s or 0.0))
     if rank == 0 and cfg.train.eval and src.eval_dir:
         t0 = time.perf_counter()
         metrics.update(evaluate(method, tokenizer, cfg, src.eval_dir, device))

@@ -4,7 +4,8 @@ A space file is data:
 
     name: order_sweep
     config: {...}              # nested Config values shared by every trial
-    grid: {loss.order: [0, 1, 2], seed: [0, 1, 2]}   # dotted keys; the cross product
+    variants: {full: {}, no_gate: {fusion.gate: false}}   # optional: named override sets
+    grid: {loss.order: [0, 1, 2], seed: [0, 1, 2]}   # dotted keys (and `variant`); the cross product
     group: loss.order          # the report's rows
     metrics: [mean_r@1, ...]   # the report's columns; `primary` picks the best row
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +32,9 @@ class Space(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
+    extends: str | None = None  # another space file whose `config` this one's refines
     config: dict[str, Any] = {}
+    variants: dict[str, dict[str, Any]] = {}  # ablation rows / baselines: name → overrides
     grid: dict[str, list[Any]] = Field(min_length=1)
     group: str
     group_labels: dict[Any, str] = {}
@@ -50,6 +54,9 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> tuple[Space, Conf
         space = Space.model_validate(yaml.safe_load(path.read_text()))
     except Exception as e:  # pydantic's message names the field
         raise ConfigError(f"space file {path}: {e}") from None
+    if space.extends:
+        parent, _, _ = load_space(path.parent / space.extends)
+        space.config = _merge(parent.config, space.config)
     config_overrides = {}
     for key, value in parse_overrides(list(overrides)).items():
         if key.startswith("grid."):
@@ -58,20 +65,39 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> tuple[Space, Conf
             space.grid[key[len("grid.") :]] = value
         else:
             config_overrides[key] = value
+    if space.variants and "variant" not in space.grid:
+        space.grid = {"variant": list(space.variants), **space.grid}
     base = make_config(space.config, config_overrides)
     keys = list(space.grid)
     trials = [dict(zip(keys, values)) for values in itertools.product(*space.grid.values())]
     for params in trials:
         try:
-            base.override(params)
+            trial_overrides(params, space.variants, base)
         except ConfigError as e:
             raise ConfigError(f"space {path}, trial {params}: {e}") from None
-    if space.group not in space.grid and space.group not in ("method",):
+    if space.group not in space.grid:
         raise ConfigError(f"space {path}: group {space.group!r} is not a grid key ({', '.join(keys)})")
     return space, base, trials
 
 
-def run_trial(params: dict[str, Any], base: dict, source, cache=None) -> None:
+def _merge(base: dict, top: dict) -> dict:
+    """Nested dicts merged, `top` winning."""
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def trial_overrides(params: dict[str, Any], variants: dict[str, dict[str, Any]], base: Config) -> Config:
+    """The trial's validated config: base, then its variant's overrides, then grid values."""
+    params = dict(params)
+    name = params.pop("variant", None)
+    if name is not None and name not in variants:
+        raise ConfigError(f"unknown variant {name!r}; the space defines {', '.join(variants)}")
+    return base.override({**variants.get(name, {}), **params})
+
+
+def run_trial(params: dict[str, Any], base: dict, variants: dict, source, cache=None) -> None:
     """Tune function trainable: one Ray Train run of the base config with this trial's params."""
     from ray import tune
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -81,7 +107,7 @@ def run_trial(params: dict[str, Any], base: dict, source, cache=None) -> None:
     from raytrain.data.pipeline import train_dataset
     from raytrain.train.loop import train_loop_per_worker, worker_config
 
-    cfg = make_config(base, params)
+    cfg = trial_overrides(params, variants, make_config(base))
     ctx = tune.get_context()
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -120,9 +146,11 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), resume: str | N
     source = prepare(base.data)  # generates the embedded default once, before any trial
     if not ray.is_initialized():
         ray.init()
-    cache = shared_cache(base, source, trials) if any(base.override(p).cache.use for p in trials) else None
+    configs = [trial_overrides(p, space.variants, base) for p in trials]
+    cache = shared_cache(base, source, configs) if any(c.cache.use for c in configs) else None
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base.model_dump(mode="json"), source=source, cache=cache), {"CPU": 0.01}
+        tune.with_parameters(run_trial, base=base.model_dump(mode="json"), variants=space.variants, source=source, cache=cache),
+        {"CPU": 0.01},
     )
     if resume:
         tuner = tune.Tuner.restore(resume, trainable, resume_errored=False, restart_errored=False)
@@ -145,14 +173,14 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), resume: str | N
     return write_sweep_report(grid, space, base.seed)
 
 
-def shared_cache(base: Config, source, trials: list[dict[str, Any]]):
+def shared_cache(base: Config, source, configs: list[Config]):
     """Build the teacher cache once (or reuse it) for every trial; trials may not vary
     what the cache depends on."""
     from raytrain.teachers.cache import CacheReader, _declared, build_cache, cache_dir
 
-    for params in trials:
-        if _declared(base.override(params)) != _declared(base):  # e.g. teachers.* on the grid
-            raise ConfigError(f"trial {params} changes the teacher cache's inputs; sweep those in separate runs")
+    for cfg in configs:
+        if _declared(cfg) != _declared(base):  # e.g. teachers.* on the grid
+            raise ConfigError("a trial changes the teacher cache's inputs (teachers.*, data preprocessing); sweep those in separate runs")
     manifest = build_cache(base)
     return CacheReader(cache_dir(base, source), source.files, manifest["shapes"], base.data.s3.model_dump())
 
@@ -166,7 +194,7 @@ def trial_table(grid, space: Space, base_seed: int) -> pd.DataFrame:
         rows.append({
             "trial_id": Path(result.path).name,
             "status": "ERROR" if result.error else "TERMINATED",
-            "error": str(result.error) if result.error else None,
+            "error": error_summary(result.error) if result.error else None,
             "seed": base_seed,
             **{k.split(".")[-1]: v for k, v in params.items()},
             **{m: float(metrics.get(m, float("nan"))) for m in space.metrics},
@@ -174,6 +202,17 @@ def trial_table(grid, space: Space, base_seed: int) -> pd.DataFrame:
             "skipped_rows": metrics.get("skipped_rows"),
         })  # fmt: skip
     return pd.DataFrame(rows)
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def error_summary(error: BaseException) -> str:
+    """The line that says what went wrong (`FloatingPointError: loss became nan ...`), not
+    the wrapper's header: Ray nests the worker's traceback inside its own."""
+    lines = [ANSI.sub("", x).strip() for x in str(error).splitlines() if x.strip()]
+    raised = [x for x in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*:", x)]
+    return (raised or lines or [type(error).__name__])[-1]
 
 
 def write_sweep_report(grid, space: Space, base_seed: int) -> Path:

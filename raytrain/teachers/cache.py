@@ -1,0 +1,298 @@
+"""The teacher cache: frozen-teacher outputs computed once per sample, reused by every trial.
+
+Layout (local directory or s3:// prefix):
+
+    <cache>/shard-00000.parquet ...   one per training file, rows keyed by sample `id`;
+                                      each output a float16 column, flattened
+    <cache>/manifest.json             written last: fingerprint, shapes, per-shard counts
+
+Shard i holds the outputs for training file i, so a build is a set of independent units:
+each shard is written atomically (temp + rename locally, one PUT on S3), an interrupted
+build started again skips the shards that exist, and because a shard depends only on its
+input file and the teachers, the result equals an uninterrupted build. Training joins a
+batch to its file's shard by id (no shuffle join), and refuses a cache whose fingerprint
+does not match its config, naming what differs.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import io
+import json
+import posixpath
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from raytrain.config import ConfigError
+from raytrain.data.pipeline import DataSource, prepare
+from raytrain.data.sources import StorageError, exists, resolve, write_atomic
+from raytrain.data.transforms import decode_image, normalize
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+class CacheMismatch(ConfigError):
+    """A cache built for another config; the message lists the differing fields."""
+
+
+class TeacherSet:
+    """The configured frozen teachers, run together on a batch of decoded samples."""
+
+    def __init__(self, cfg, names, device="cpu"):
+        self.names, self.device = tuple(names), device
+        data = cfg.data
+        needs_dinov3 = "dinov3" in names or "yolo" in names  # YOLO region crops use DINOv3 features
+        self.dinov3 = cfg.teachers.dinov3.build(data.mean, data.std).to(device) if needs_dinov3 else None
+        self.text = cfg.teachers.text.build() if "text" in names else None
+        self.yolo = cfg.teachers.yolo.build() if "yolo" in names else None
+
+    def fingerprints(self) -> dict[str, str]:
+        return {n: getattr(self, n).fingerprint() for n in self.names}
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray, pixels: torch.Tensor, captions: list[str]) -> dict[str, np.ndarray]:
+        """uint8 images [n, H, W, 3], their normalized pixels, captions → outputs by name."""
+        out = {}
+        if self.dinov3 is not None and "dinov3" in self.names:
+            o = self.dinov3(pixels.to(self.device))
+            out["dinov3_cls"], out["dinov3_multiscale"] = o.cls, o.multiscale
+        if self.text is not None:
+            out["text"] = self.text.encode(captions)
+        if self.yolo is not None:
+            from raytrain.teachers.yolo import crop_features, stack
+
+            regions = stack(self.yolo.detect(images))
+            out.update({f"yolo_{k}": v for k, v in regions.items()})
+            out["yolo_crops"] = crop_features(pixels, regions["boxes"], self.dinov3, self.dinov3.image_size)
+        return {k: torch.as_tensor(v).float().cpu().numpy() for k, v in out.items()}
+
+
+def cache_dir(cfg, src: DataSource) -> str:
+    """cache.path, or a directory beside the dataset named by a hash of the cache's inputs
+    (so caches for different teacher configs never collide)."""
+    if cfg.cache.path:
+        return cfg.cache.path
+    key = hashlib.sha256(json.dumps(_declared(cfg), sort_keys=True).encode()).hexdigest()[:12]
+    return posixpath.join(src.path, "teacher_cache", key)
+
+
+def _declared(cfg) -> dict:
+    """The config fields a cache depends on (everything but the weights' hash)."""
+    return {
+        "teachers": {n: getattr(cfg.teachers, n).model_dump(mode="json") for n in sorted(cfg.cache.teachers)},
+        "preprocessing": {k: getattr(cfg.data, k) for k in ("image_size", "mean", "std", "caption_column")},
+        "dtype": "float16",
+        "schema_version": SCHEMA_VERSION,
+    }
+
+
+def fingerprint(cfg, src: DataSource, teachers: TeacherSet) -> dict:
+    """What a cache must match: declared config, weight hashes and the dataset's files."""
+    fp = _declared(cfg)
+    fp["weights"] = teachers.fingerprints()
+    fp["dataset"] = {"files": [posixpath.basename(f) for f in src.files], "rows": src.num_rows}
+    return json.loads(json.dumps(fp))  # the form it has when read back from the manifest
+
+
+def differences(built: dict, wanted: dict, prefix: str = "") -> list[str]:
+    """Dotted paths where two fingerprints differ, with both values."""
+    out = []
+    for key in sorted(set(built) | set(wanted)):
+        a, b = built.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: cache has {a!r}, config wants {b!r}")
+    return out
+
+
+def read_manifest(fs, root: str) -> dict | None:
+    try:
+        with fs.open_input_stream(posixpath.join(root, MANIFEST)) as f:
+            return json.loads(f.read())
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        raise StorageError(f"cannot read {posixpath.join(root, MANIFEST)}: {e}") from None
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.parquet"
+
+
+class _ShardBuilder:
+    """Ray Data actor: builds the teachers once, then writes one cache shard per input file."""
+
+    def __init__(self, cfg_tree: dict, src: dict, root: str):
+        from raytrain.config import make_config
+
+        self.cfg, self.src, self.root = make_config(cfg_tree), DataSource(**src), root
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.teachers = TeacherSet(self.cfg, self.cfg.cache.teachers, device)
+        self.fs, _ = resolve(self.src.path, self.cfg.data.s3)
+        self.out_fs, self.out_root = resolve(root, self.cfg.data.s3)
+
+    def __call__(self, batch: dict) -> dict:
+        stats = [self.build(int(i)) for i in batch["index"]]
+        return {k: np.array([s[k] for s in stats]) for k in stats[0]}
+
+    def build(self, i: int) -> dict:
+        t0, data = time.perf_counter(), self.cfg.data
+        table = pq.read_table(self.src.files[i], columns=["id", "image", data.caption_column], filesystem=self.fs)
+        ids, blobs, captions = (table.column(c).to_pylist() for c in ("id", "image", data.caption_column))
+        decoded = [decode_image(b, data.image_size) for b in blobs]
+        empty = [c is None or not str(c).strip() for c in captions]
+        keep = [j for j, d in enumerate(decoded) if d is not None and not empty[j]]
+        columns: dict[str, list] = {}
+        for lo in range(0, len(keep), self.cfg.cache.batch_size):
+            rows = keep[lo : lo + self.cfg.cache.batch_size]
+            images = np.stack([decoded[j] for j in rows])
+            pixels = torch.from_numpy(normalize(images, data.mean, data.std))
+            for name, value in self.teachers(images, pixels, [captions[j] for j in rows]).items():
+                columns.setdefault(name, []).append(value)
+        arrays = {"id": pa.array([ids[j] for j in keep], pa.string())}
+        shapes = {}
+        for name, parts in columns.items():
+            value = np.concatenate(parts).astype(np.float16)
+            shapes[name] = list(value.shape[1:])
+            flat = value.reshape(len(value), -1)
+            arrays[name] = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
+        skipped = {"bad_image": sum(d is None for d in decoded),
+                   "empty_caption": sum(e and d is not None for e, d in zip(empty, decoded))}  # fmt: skip
+        # shapes and skip counts travel in the shard, so a resumed build's manifest is whole
+        meta = {"raytrain.shapes": json.dumps(shapes), "raytrain.skipped": json.dumps(skipped)}
+        buf = io.BytesIO()
+        pq.write_table(pa.table(arrays).replace_schema_metadata(meta), buf)
+        write_atomic(self.out_fs, posixpath.join(self.out_root, shard_name(i)), buf.getvalue())
+        return {"index": i, "rows": len(keep), "seconds": time.perf_counter() - t0}
+
+
+def build_cache(config) -> dict:
+    """Build (or resume, or reuse) the teacher cache for `config`; returns its manifest."""
+    import ray
+
+    src = prepare(config.data)
+    root = cache_dir(config, src)
+    fs, base = resolve(root, config.data.s3)
+    wanted = fingerprint(config, src, TeacherSet(config, config.cache.teachers))
+    manifest = read_manifest(fs, base)
+    if manifest is not None:
+        diff = differences(manifest["fingerprint"], wanted)
+        if diff:
+            raise CacheMismatch(f"cache at {root} was built for another config:\n  " + "\n  ".join(diff))
+        print(f"raytrain: teacher cache at {root} is complete ({manifest['rows']} rows); reusing it")
+        return manifest
+    todo = [i for i in range(len(src.files)) if not exists(fs, posixpath.join(base, shard_name(i)))]
+    print(f"raytrain: building teacher cache at {root}: {len(todo)} of {len(src.files)} shards to do "
+          f"({', '.join(config.cache.teachers)})", flush=True)  # fmt: skip
+    if not ray.is_initialized():
+        ray.init()
+    t0 = time.perf_counter()
+    cache = config.cache
+    gpus = cache.num_gpus if ray.cluster_resources().get("GPU", 0) else 0
+    results = []
+    if todo:
+        ds = ray.data.from_items([{"index": i} for i in todo]).map_batches(
+            _ShardBuilder,
+            fn_constructor_kwargs={"cfg_tree": config.model_dump(mode="json"), "src": _plain(src), "root": root},
+            batch_size=1,
+            compute=ray.data.ActorPoolStrategy(size=cache.actors),
+            num_cpus=cache.num_cpus,
+            num_gpus=gpus,
+        )
+        results = ds.take_all()
+    elapsed = time.perf_counter() - t0
+    shards, shapes = zip(*(_shard_stats(fs, base, i) for i in range(len(src.files))))
+    manifest = {
+        "fingerprint": wanted,
+        "teachers": list(cache.teachers),
+        "shards": list(shards),
+        "shapes": shapes[0],
+        "rows": sum(s["rows"] for s in shards),
+        "skipped": {r: sum(s[f"skipped_{r}"] for s in shards) for r in ("bad_image", "empty_caption")},
+        "bytes": sum(s["bytes"] for s in shards),
+    }
+    write_atomic(fs, posixpath.join(base, MANIFEST), json.dumps(manifest, indent=1).encode())
+    built = sum(int(r["rows"]) for r in results)
+    print(f"raytrain: teacher cache complete: {manifest['rows']} rows in {len(shards)} shards, "
+          f"{manifest['bytes'] / 1e6:.1f} MB; built {built} rows in {elapsed:.1f} s ({built / max(elapsed, 1e-9):.0f} rows/s); "
+          f"skipped {manifest['skipped']['bad_image']} undecodable images, {manifest['skipped']['empty_caption']} empty captions",
+          flush=True)  # fmt: skip
+    return manifest
+
+
+def _plain(src: DataSource) -> dict:
+    from dataclasses import asdict
+
+    return asdict(src)
+
+
+def _shard_stats(fs, base: str, i: int) -> tuple[dict, dict]:
+    """(rows, bytes, skip counts) and output shapes of shard i, from its own footer."""
+    path = posixpath.join(base, shard_name(i))
+    meta = pq.read_schema(path, filesystem=fs).metadata
+    skipped = json.loads(meta[b"raytrain.skipped"])
+    stats = {
+        "file": shard_name(i), "rows": pq.read_metadata(path, filesystem=fs).num_rows,
+        "bytes": fs.get_file_info(path).size, **{f"skipped_{k}": v for k, v in skipped.items()},
+    }  # fmt: skip
+    return stats, json.loads(meta[b"raytrain.shapes"])
+
+
+@dataclass(frozen=True)
+class CacheReader:
+    """Looks up cached teacher outputs for sample ids of one training file (per-shard join)."""
+
+    root: str
+    files: tuple[str, ...]  # training files, in shard order
+    shapes: dict
+    s3: dict | None = None
+
+    @classmethod
+    def open(cls, config, src: DataSource) -> CacheReader:
+        """The verified cache for this config; CacheMismatch names what differs."""
+        root = cache_dir(config, src)
+        fs, base = resolve(root, config.data.s3)
+        manifest = read_manifest(fs, base)
+        if manifest is None:
+            raise StorageError(f"no teacher cache at {root}: build it with `python jobs/build_cache.py` (or cache.use=true in a sweep)")
+        wanted = fingerprint(config, src, TeacherSet(config, config.cache.teachers))
+        diff = differences(manifest["fingerprint"], wanted)
+        if diff:
+            raise CacheMismatch(f"cache at {root} does not match this config:\n  " + "\n  ".join(diff))
+        return cls(root, src.files, manifest["shapes"], config.data.s3.model_dump())
+
+    def lookup(self, path: str, ids) -> dict[str, np.ndarray]:
+        """Outputs [n, *shape] float32 for `ids` of training file `path`."""
+        index, table = _load_shard(self.root, self.files.index(path), json.dumps(self.s3))
+        try:
+            rows = [index[i] for i in ids]
+        except KeyError as e:
+            raise KeyError(f"teacher cache {self.root} has no outputs for sample id {e.args[0]!r} of {path}") from None
+        return {
+            name: table[name][rows].reshape(len(rows), *shape).astype(np.float32)
+            for name, shape in self.shapes.items()
+        }
+
+
+@functools.lru_cache(maxsize=2)  # per worker process: a batch's file is usually the last one's
+def _load_shard(root: str, i: int, s3_json: str):
+    from raytrain.config import S3Config
+
+    fs, base = resolve(root, S3Config(**json.loads(s3_json)) if s3_json != "null" else None)
+    table = pq.read_table(posixpath.join(base, shard_name(i)), filesystem=fs)
+    index = {v: j for j, v in enumerate(table.column("id").to_pylist())}
+    arrays = {}
+    for name in table.column_names:
+        if name != "id":
+            col = table.column(name).combine_chunks()
+            arrays[name] = col.values.to_numpy(zero_copy_only=False).reshape(len(col), -1)
+    return index, arrays
+

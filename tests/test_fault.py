@@ -1,0 +1,108 @@
+"""Fault tolerance on a real local Ray cluster (started by the sweep driver in a subprocess):
+(a) a training worker SIGKILLed mid-run resumes from its last checkpoint and ends with the
+same metrics as its uninterrupted twin; (c) a trial whose loss turns NaN is reported as
+failed and the sweep and report go on; (b) a killed sweep driver resumed with `--resume`
+finishes without re-running completed trials."""
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.e2e
+
+SMALL = ["data.n_train=512", "data.n_eval=32", "train.batch_size=32", "train.epochs=2", "model.image.patch=8",
+         "model.image.width=32", "model.image.heads=2", "model.text.width=32", "model.text.heads=2",
+         "loss.order=1"]  # fmt: skip
+
+
+def space(tmp_path, grid: str, group: str) -> Path:
+    path = tmp_path / "space.yaml"
+    metrics = "[loss, mean_r@1, zs_top1, resumed_step]"
+    path.write_text(f"name: fault\ngrid: {grid}\ngroup: {group}\nmetrics: {metrics}\nprimary: mean_r@1\n")
+    return path
+
+
+def sweep(tmp_path, space_path, *args) -> subprocess.Popen:
+    # Tune saves its experiment state every second, so a killed driver loses no finished trial
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
+    cmd = [sys.executable, str(ROOT / "jobs/order_sweep.py"), "--space", str(space_path), *args]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen):
+    end = time.time() + timeout
+    while time.time() < end:
+        found = predicate()
+        if found:
+            return found
+        if proc.poll() is not None:
+            raise AssertionError(f"the sweep exited ({proc.returncode}) before any {what}:\n{proc.stdout.read()[-4000:]}")
+        time.sleep(0.5)
+    raise TimeoutError(f"no {what} within {timeout} s")
+
+
+def report_of(out: str) -> Path:
+    line = [x for x in out.splitlines() if "report written to" in x]
+    assert line, out[-4000:]
+    return Path(line[-1].split("report written to ")[1].strip())
+
+
+@pytest.fixture(autouse=True)
+def stop_ray():
+    yield
+    subprocess.run([Path(sys.executable).parent / "ray", "stop", "--force"], capture_output=True, timeout=120)
+
+
+def test_killed_worker_resumes_to_the_same_result_and_nan_trial_fails(tmp_path):
+    # trial 0 (max_failures 1) gets its worker killed; trial 1 is its uninterrupted twin;
+    # trial 2's learning rate makes the loss NaN
+    grid = "{train.max_failures: [1, 0], optim.lr: [0.001]}"
+    storage = tmp_path / "runs"
+    proc = sweep(tmp_path, space(tmp_path, grid, "train.max_failures"), *SMALL, "grid.optim.lr=[0.001, 1.0e+30]", "train.report_every=4",
+                 "train.checkpoint_every=8", "run.max_concurrent_trials=1", f"run.storage_path={storage}",
+                 f"data.root={tmp_path / 'data'}")  # fmt: skip
+    # trials run one at a time in grid order, so the first checkpoint is trial 0's (max_failures 1)
+    first = wait_for(lambda: sorted(storage.glob("*/train_runs/*/checkpoint_*")), 300, "checkpoint", proc)
+    worker = wait_for(lambda: [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])], 60, "worker", proc)
+    os.kill(worker[0].pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    report = report_of(out)
+    trials = pd.read_csv(report.parent / "trials.csv")
+    ok = trials[trials["status"] == "TERMINATED"]
+    killed, twin = (ok[ok["max_failures"] == f].iloc[0] for f in (1, 0))
+    assert killed["resumed_step"] > 0 and twin["resumed_step"] == -1 and first  # it did resume mid-run
+    for metric in ("loss", "mean_r@1", "zs_top1"):
+        assert math.isclose(killed[metric], twin[metric], rel_tol=1e-4, abs_tol=1e-6), (metric, killed[metric], twin[metric])
+    failed = trials[trials["status"] == "ERROR"]
+    assert len(failed) == 2 and failed["error"].str.match(r"FloatingPointError: loss became (nan|inf)").all(), failed["error"]
+    assert "loss became" in report.read_text()  # the report lists the failed trials with their error
+
+
+def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
+    storage = tmp_path / "runs"
+    args = [*SMALL, "train.epochs=1", "run.max_concurrent_trials=1", f"run.storage_path={storage}", f"data.root={tmp_path / 'data'}"]
+    proc = sweep(tmp_path, space(tmp_path, "{seed: [0, 1, 2]}", "seed"), *args)
+    # one trial at a time: once the second has started, the first has finished
+    wait_for(lambda: len(list(storage.glob("fault-*/run_trial_*"))) >= 2, 600, "second trial", proc)
+    time.sleep(3)
+    first = sorted(storage.glob("fault-*/run_trial_*"))[0]
+    before = first.joinpath("result.json").read_text()
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=60)
+    subprocess.run([Path(sys.executable).parent / "ray", "stop", "--force"], capture_output=True, timeout=120)
+    resumed = sweep(tmp_path, space(tmp_path, "{seed: [0, 1, 2]}", "seed"), "--resume", str(first.parent), *args)
+    out, _ = resumed.communicate(timeout=900)
+    assert resumed.returncode == 0, out[-4000:]
+    trials = pd.read_csv(report_of(out).parent / "trials.csv")
+    assert len(trials) == 3 and (trials["status"] == "TERMINATED").all(), trials
+    assert first.joinpath("result.json").read_text() == before  # the finished trial was not run again
