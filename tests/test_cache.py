@@ -156,3 +156,17 @@ def test_sweep_with_and_without_cache_trains_the_same(dataset, tmp_path, ray_loc
     live, cached = (trials.loc[trials["use"] == v].iloc[0] for v in (False, True))
     assert math.isfinite(live["loss"]) and cached["loss"] == pytest.approx(live["loss"], rel=1e-3)
     assert cached["rank"] == pytest.approx(live["rank"], rel=1e-3)
+
+
+def test_all_three_teachers(dataset, tmp_path, ray_local, monkeypatch):
+    """DINOv3, the shipped text teacher and an untrained YOLOv8 in one build, offline."""
+    monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path / "yolo"))
+    cfg = config(dataset, tmp_path, "cache.teachers=[dinov3,text,yolo]", "teachers.yolo.top_k=4")
+    manifest = build_cache(cfg)
+    shapes = manifest["shapes"]
+    assert shapes["text"] == [384] and shapes["yolo_boxes"] == [4, 4] and shapes["yolo_crops"] == [4, 64]
+    assert {"yolo_conf", "yolo_cls", "yolo_area", "yolo_valid"} <= set(shapes)
+    src = prepare(cfg.data)
+    got = CacheReader.open(cfg, src).lookup(src.files[0], ["f0-0", "f0-1"])
+    assert np.allclose(np.linalg.norm(got["text"], axis=1), 1, atol=1e-2)  # normalized sentence embeddings
+    assert set(manifest["fingerprint"]["weights"]) == {"dinov3", "text", "yolo"}
