@@ -1,6 +1,7 @@
 """End to end on a real local Ray cluster: `ray start --head`, then `ray job submit` of
 jobs/order_sweep.py with a tiny space; the report has a row per order with finite metrics.
-One trial of the sweep trains with DDP over gloo on 2 workers."""
+Half the trials train with DDP over gloo on 2 workers; every trial logs to TensorBoard and
+to W&B (offline, no key)."""
 
 import math
 import os
@@ -49,7 +50,7 @@ def test_order_sweep_through_ray_job_submit(cluster, tmp_path):
         Path(sys.executable).parent / "ray", "job", "submit", "--address", address, "--working-dir", str(work), "--",
         "python", "jobs/order_sweep.py", "grid.loss.order=[0,1,3]", "grid.seed=[0]", "grid.train.num_workers=[1,2]",
         "data.n_train=256", "data.n_eval=32", "run.max_concurrent_trials=1", "train.epochs=1", "train.batch_size=64", "train.report_every=2",
-        f"data.root={tmp_path / 'data'}", f"run.storage_path={results}",
+        f"data.root={tmp_path / 'data'}", f"run.storage_path={results}", "run.wandb=true",
     ]  # fmt: skip
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     log = out.stdout + out.stderr
@@ -66,3 +67,4 @@ def test_order_sweep_through_ray_job_submit(cluster, tmp_path):
         assert trials[metric].map(math.isfinite).all(), metric
     assert (report.parent / "metrics_vs_order.png").stat().st_size > 0
     assert list(report.parent.glob("run_trial_*/events.out.tfevents.*")), "Tune wrote no TensorBoard files"
+    assert len(list(report.parent.glob("run_trial_*/wandb/offline-run-*"))) == 6, "no offline W&B run per trial"
