@@ -1,9 +1,21 @@
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
 
 import pytest
 
 os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+
+TEST_KEY = TEST_SECRET = "testing"  # moto's test credentials; never real ones
+TEST_REGION = "us-east-1"
 
 
 @pytest.fixture(scope="session")
@@ -11,6 +23,129 @@ def ray_local():
     """An in-process local Ray instance for tests of Ray Data pieces."""
     import ray
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    # "local": always a fresh cluster of our own, never a stale or foreign one in /tmp/ray
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
+
+
+# ---- S3: a real S3-compatible server (moto's) on 127.0.0.1 ----------------------------------
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 with nothing listening (at the time of the call)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def s3_answers(endpoint: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=timeout):
+            return True
+    except Exception:  # noqa: BLE001
+        # not a moto server? any HTTP answer at all still means it is up
+        try:
+            urllib.request.urlopen(endpoint, timeout=timeout)
+            return True
+        except urllib.error.HTTPError:
+            return True
+        except Exception:  # noqa: BLE001
+            return False
+
+
+class MotoServers:
+    """Starts `moto_server -H 127.0.0.1 -p PORT` subprocesses and stops them all at the end."""
+
+    def __init__(self, log_dir: Path):
+        self.log_dir, self.procs = log_dir, []
+        exe = Path(sys.executable).parent / "moto_server"
+        self.exe = str(exe) if exe.exists() else shutil.which("moto_server")
+
+    def start(self, ready_within: float = 30.0) -> str:
+        if self.exe is None:
+            pytest.fail("moto_server not found: install the dev extra (pip install -e '.[dev]', moto[server])")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+        for _ in range(3):  # the free port can be taken between probing and binding; retry
+            port = free_port()
+            log = self.log_dir / f"moto-{port}.log"
+            with open(log, "wb") as out:
+                proc = subprocess.Popen([self.exe, "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
+            self.procs.append(proc)
+            endpoint = f"http://127.0.0.1:{port}"
+            deadline = time.monotonic() + ready_within
+            while time.monotonic() < deadline and proc.poll() is None:
+                if s3_answers(endpoint, timeout=0.5):
+                    return endpoint
+                time.sleep(0.05)
+            if proc.poll() is None:
+                self.stop(proc)
+                pytest.fail(f"moto_server on {endpoint} did not answer within {ready_within:.0f} s; log {log}:\n{log.read_text()[-2000:]}")
+            if b"in use" not in log.read_bytes():
+                pytest.fail(f"moto_server exited at start (rc {proc.returncode}); log {log}:\n{log.read_text()[-2000:]}")
+        pytest.fail("moto_server: no free port after 3 tries")
+
+    def stop(self, proc):
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def stop_all(self):
+        for proc in self.procs:
+            self.stop(proc)
+
+
+@pytest.fixture(scope="session")
+def moto_servers(tmp_path_factory):
+    """Factory: `moto_servers.start()` → endpoint URL of a fresh moto server of one's own
+    (for tests that change server-wide state, e.g. turn on IAM authentication)."""
+    servers = MotoServers(tmp_path_factory.mktemp("moto"))
+    yield servers
+    servers.stop_all()
+
+
+@pytest.fixture(scope="session")
+def s3_server(request) -> str:
+    """Endpoint URL (http://127.0.0.1:PORT) of a real S3-compatible server: the one in
+    RAYTRAIN_TEST_S3_ENDPOINT when set (e.g. from `infra/s3_server.sh`), else a moto_server
+    started for this session on a free port and stopped at its end."""
+    endpoint = os.environ.get("RAYTRAIN_TEST_S3_ENDPOINT")
+    if endpoint:
+        endpoint = endpoint.rstrip("/")
+        deadline = time.monotonic() + 10
+        while not s3_answers(endpoint):
+            if time.monotonic() > deadline:
+                pytest.fail(f"RAYTRAIN_TEST_S3_ENDPOINT={endpoint} does not answer; start it with "
+                            "`eval \"$(bash infra/s3_server.sh)\"` or unset it to let the tests start their own")  # fmt: skip
+            time.sleep(0.2)
+        return endpoint
+    return request.getfixturevalue("moto_servers").start()
+
+
+def make_bucket(endpoint: str, name: str, key: str = TEST_KEY, secret: str = TEST_SECRET) -> None:
+    import pyarrow.fs as pafs
+
+    host, scheme = endpoint.split("://", 1)[1], endpoint.split("://", 1)[0]
+    fs = pafs.S3FileSystem(access_key=key, secret_key=secret, region=TEST_REGION, endpoint_override=host, scheme=scheme, allow_bucket_creation=True)
+    fs.create_dir(name)
+
+
+@pytest.fixture
+def s3_bucket(s3_server, monkeypatch) -> str:
+    """`s3://<fresh bucket>` on `s3_server`, with the environment (AWS_ENDPOINT_URL,
+    AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_REGION) pointing at that server for the test."""
+    name = f"rt-{uuid.uuid4().hex[:12]}"
+    make_bucket(s3_server, name)
+    for var in ("AWS_ENDPOINT_URL_S3", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", s3_server)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", TEST_KEY)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", TEST_SECRET)
+    monkeypatch.setenv("AWS_REGION", TEST_REGION)
+    monkeypatch.setenv("AWS_DEFAULT_REGION", TEST_REGION)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    return f"s3://{name}"

@@ -16,7 +16,6 @@ does not match its config, naming what differs.
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import io
 import json
@@ -31,7 +30,7 @@ import torch
 
 from raytrain.config import ConfigError
 from raytrain.data.pipeline import DataSource, prepare
-from raytrain.data.sources import StorageError, exists, resolve, write_atomic
+from raytrain.data.sources import StorageError, exists, read_bytes, resolve, write_atomic
 from raytrain.data.transforms import decode_image, normalize
 
 SCHEMA_VERSION = 1
@@ -115,12 +114,9 @@ def differences(built: dict, wanted: dict, prefix: str = "") -> list[str]:
 
 def read_manifest(fs, root: str) -> dict | None:
     try:
-        with fs.open_input_stream(posixpath.join(root, MANIFEST)) as f:
-            return json.loads(f.read())
+        return json.loads(read_bytes(fs, posixpath.join(root, MANIFEST)))
     except FileNotFoundError:
         return None
-    except OSError as e:
-        raise StorageError(f"cannot read {posixpath.join(root, MANIFEST)}: {e}") from None
 
 
 def shard_name(i: int) -> str:
@@ -130,14 +126,15 @@ def shard_name(i: int) -> str:
 class _ShardBuilder:
     """Ray Data actor: builds the teachers once, then writes one cache shard per input file."""
 
-    def __init__(self, cfg_tree: dict, src: dict, root: str):
+    def __init__(self, cfg_tree: dict, src: dict, fs, out_fs, out_root: str):
+        # filesystems resolved on the driver: S3 endpoint and credentials from its config or
+        # environment travel with them (the workers' environment may not have them)
         from raytrain.config import make_config
 
-        self.cfg, self.src, self.root = make_config(cfg_tree), DataSource(**src), root
+        self.cfg, self.src = make_config(cfg_tree), DataSource(**src)
         device = "cuda" if torch.cuda.is_available() else "cpu"
         self.teachers = TeacherSet(self.cfg, self.cfg.cache.teachers, device)
-        self.fs, _ = resolve(self.src.path, self.cfg.data.s3)
-        self.out_fs, self.out_root = resolve(root, self.cfg.data.s3)
+        self.fs, self.out_fs, self.out_root = fs, out_fs, out_root
 
     def __call__(self, batch: dict) -> dict:
         stats = [self.build(int(i)) for i in batch["index"]]
@@ -201,7 +198,8 @@ def build_cache(config) -> dict:
     if todo:
         ds = ray.data.from_items([{"index": i} for i in todo]).map_batches(
             _ShardBuilder,
-            fn_constructor_kwargs={"cfg_tree": config.model_dump(mode="json"), "src": _plain(src), "root": root},
+            fn_constructor_kwargs={"cfg_tree": config.model_dump(mode="json"), "src": _plain(src),
+                                   "fs": resolve(src.path, config.data.s3)[0], "out_fs": fs, "out_root": base},  # fmt: skip
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=cache.actors),
             num_cpus=cache.num_cpus,
@@ -253,7 +251,8 @@ class CacheReader:
     root: str
     files: tuple[str, ...]  # training files, in shard order
     shapes: dict
-    s3: dict | None = None
+    fs: object  # the cache's pyarrow filesystem, resolved on the driver (it pickles to workers)
+    base: str
 
     @classmethod
     def open(cls, config, src: DataSource) -> CacheReader:
@@ -267,11 +266,11 @@ class CacheReader:
         diff = differences(manifest["fingerprint"], wanted)
         if diff:
             raise CacheMismatch(f"cache at {root} does not match this config:\n  " + "\n  ".join(diff))
-        return cls(root, src.files, manifest["shapes"], config.data.s3.model_dump())
+        return cls(root, src.files, manifest["shapes"], fs, base)
 
     def lookup(self, path: str, ids) -> dict[str, np.ndarray]:
         """Outputs [n, *shape] float32 for `ids` of training file `path`."""
-        index, table = _load_shard(self.root, self.files.index(path), json.dumps(self.s3))
+        index, table = _load_shard(self.fs, self.base, self.files.index(path))
         try:
             rows = [index[i] for i in ids]
         except KeyError as e:
@@ -282,11 +281,19 @@ class CacheReader:
         }
 
 
-@functools.lru_cache(maxsize=2)  # per worker process: a batch's file is usually the last one's
-def _load_shard(root: str, i: int, s3_json: str):
-    from raytrain.config import S3Config
+_shards: dict[tuple[str, int], tuple] = {}  # per worker process: the last two shards read
 
-    fs, base = resolve(root, S3Config(**json.loads(s3_json)) if s3_json != "null" else None)
+
+def _load_shard(fs, base: str, i: int):
+    key = (base, i)
+    if key not in _shards:
+        if len(_shards) >= 2:  # a batch's file is usually the last one's
+            _shards.pop(next(iter(_shards)))
+        _shards[key] = _read_shard(fs, base, i)
+    return _shards[key]
+
+
+def _read_shard(fs, base: str, i: int):
     table = pq.read_table(posixpath.join(base, shard_name(i)), filesystem=fs)
     index = {v: j for j, v in enumerate(table.column("id").to_pylist())}
     arrays = {}

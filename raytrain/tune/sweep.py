@@ -26,6 +26,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from raytrain.config import Config, ConfigError, make_config, parse_overrides
+from raytrain.data.sources import resolve
 
 
 class Space(BaseModel):
@@ -182,7 +183,8 @@ def shared_cache(base: Config, source, configs: list[Config]):
         if _declared(cfg) != _declared(base):  # e.g. teachers.* on the grid
             raise ConfigError("a trial changes the teacher cache's inputs (teachers.*, data preprocessing); sweep those in separate runs")
     manifest = build_cache(base)
-    return CacheReader(cache_dir(base, source), source.files, manifest["shapes"], base.data.s3.model_dump())
+    root = cache_dir(base, source)
+    return CacheReader(root, source.files, manifest["shapes"], *resolve(root, base.data.s3))
 
 
 def trial_table(grid, space: Space, base_seed: int) -> pd.DataFrame:
