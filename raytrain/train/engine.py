@@ -3,14 +3,37 @@
     loss, logs = engine(batch, epoch)     # forward through the (wrapped) method
     stats = engine.step(loss)             # backward, clip, optimizer and LR schedule
     engine.state_dict() / engine.load_state_dict(state)
+
+`build_engine` picks the engine named by `train.engine` ("ddp" | "deepspeed") and prints
+one line saying which, with its settings; it never falls back silently.
+
+DeepSpeedEngine adds `save(dir)` / `load(dir)`: DeepSpeed's own sharded checkpoints
+(every rank calls them; they load only at the same world size). Its `state_dict()` is
+the consolidated fp32 module state (world-size independent); with ZeRO ≥ 1 and more than
+one rank it is a collective, so every rank must call it.
 """
 
 from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
 
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
 from raytrain.train.dist import world_size
+
+
+def _rank() -> int:
+    d = torch.distributed
+    return d.get_rank() if d.is_available() and d.is_initialized() else 0
+
+
+def _log(line: str) -> None:
+    if _rank() == 0:
+        print(f"raytrain: {line}", flush=True)
 
 
 class DDPEngine:
@@ -46,6 +69,333 @@ class DDPEngine:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-def build_engine(method, cfg, total_steps: int, device) -> DDPEngine:
-    engines = {"ddp": DDPEngine}
-    return engines[cfg.train.engine](method, cfg, total_steps, device)
+# ----------------------------------------------------------------------------- DeepSpeed
+
+_DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def deepspeed_config(cfg, world_size: int) -> dict:
+    """DeepSpeed's JSON config from the typed config (train.batch_size, train.deepspeed.*,
+    optim.grad_clip). The optimizer and LR schedule are not in it: DeepSpeedEngine passes
+    the torch optimizer of `optim.build` and our warmup+cosine LambdaLR to
+    `deepspeed.initialize`, so DDP and DeepSpeed step with the same optimizer (and
+    DeepSpeed compiles no fused_adam). Raises ValueError naming the fields that conflict."""
+    ds = cfg.train.deepspeed
+    batch, accum = cfg.train.batch_size, ds.grad_accumulation
+    if not isinstance(world_size, int) or world_size < 1:
+        raise ValueError(f"world_size must be a positive integer, got {world_size!r}")
+    if batch % (world_size * accum):
+        raise ValueError(
+            f"train.batch_size {batch} is not divisible by world_size {world_size} × "
+            f"train.deepspeed.grad_accumulation {accum} (= {world_size * accum}): the per-rank micro-batch "
+            f"train.batch_size / (world_size × grad_accumulation) must be a whole number"
+        )
+    if ds.offload_optimizer and ds.zero_stage == 0:
+        raise ValueError("train.deepspeed.offload_optimizer=true needs train.deepspeed.zero_stage >= 1 (got 0)")
+    zero: dict = {"stage": ds.zero_stage}
+    if ds.offload_optimizer:
+        # pin_memory off: harmless on GPU nodes, and the CPU accelerator has no pinned memory
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
+    config = {
+        "train_batch_size": batch,
+        "train_micro_batch_size_per_gpu": batch // world_size // accum,
+        "gradient_accumulation_steps": accum,
+        "gradient_clipping": float(cfg.optim.grad_clip or 0.0),  # 0 = no clipping
+        "zero_optimization": zero,
+        "bf16": {"enabled": ds.precision == "bf16"},
+        "fp16": {"enabled": ds.precision == "fp16"},
+        # our torch optimizer (AdamW or SGD) under ZeRO, offloaded ones included
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 2**31 - 1,  # the loop reports; keep DeepSpeed's per-step prints off
+        "wall_clock_breakdown": False,
+    }
+    if ds.precision == "fp16":  # dynamic loss scaling
+        config["fp16"].update(loss_scale=0, initial_scale_power=16, loss_scale_window=1000, hysteresis=2, min_loss_scale=1)
+    return config
+
+
+@contextlib.contextmanager
+def _broadcastable_scalars(deepspeed):
+    """DeepSpeed 0.19.8 broadcasts parameters inside `deepspeed.initialize` as
+    `p.data.view(torch.uint8)`, which raises for 0-dim parameters such as the student's
+    `log_scale` ("self.dim() cannot be 0 to view Float as Byte"): in the engine's
+    `_broadcast_model` (every stage) and in ZeRO-3's `Init._zero_init_param`. While
+    `deepspeed.initialize` runs, both see 0-dim parameters as 1-element views of the same
+    storage; nothing else changes, and the shapes stay as the module made them."""
+    from deepspeed import comm
+    from deepspeed.runtime.zero.partition_parameters import Init
+
+    engine_cls = deepspeed.runtime.engine.DeepSpeedEngine
+    broadcast_model, zero_init_param = engine_cls._broadcast_model, Init._zero_init_param
+
+    def broadcast(self):
+        scalars = [p for p in self.module.parameters() if p.dim() == 0]
+        for p in scalars:
+            p.data = p.data.view(1)
+        try:
+            broadcast_model(self)
+        finally:
+            for p in scalars:
+                p.data = p.data.view(())
+
+    def init_param(self, param):
+        if param.dim() != 0:
+            return zero_init_param(self, param)
+        self._convert_to_deepspeed_param(param)  # as the original, with a 1-element view
+        group = self.get_partition_dp_group(param)
+        src = 0 if comm.get_world_group() == group else comm.get_global_rank(group, 0)
+        comm.broadcast(param.data.view(1).view(torch.uint8), src, group)
+        param.partition()
+
+    engine_cls._broadcast_model, Init._zero_init_param = broadcast, init_param
+    try:
+        yield
+    finally:
+        engine_cls._broadcast_model, Init._zero_init_param = broadcast_model, zero_init_param
+
+
+def _set_zero3_fp32(param, value: torch.Tensor) -> None:
+    """This rank's slice of a ZeRO-3 parameter's fp32 master copy from the full value.
+    DeepSpeed 0.19.8's `safe_set_full_fp32_param` reads past the end of the value for the
+    padded last partition (numel not divisible by the world size); this clips to it."""
+    opt = param._z3_optimizer
+    part, group = opt._get_fp32_opt_state_partition(param, release_swap_buffers=False)
+    n, flat = part.numel(), value.detach().flatten().to(part.device, part.dtype)
+    start = n * opt._get_param_partition_rank(param)
+    valid = max(0, min(n, flat.numel() - start))
+    if valid:
+        part.data[:valid].copy_(flat[start : start + valid])
+    if opt._swappable_optimizer_subgroup(group):
+        opt._optimizer_states_and_gradient_swap_out(group)
+
+
+class DeepSpeedEngine:
+    """DeepSpeed (ZeRO 0–3, fp32/bf16/fp16, gradient accumulation, optimizer offload) over
+    the process group that Ray Train (or a test) set up; same interface as DDPEngine.
+
+    With `train.deepspeed.grad_accumulation` G > 1, each `engine(batch)` / `step(loss)`
+    pair is one micro-batch of `micro_batch_size` rows and the optimizer steps on every
+    G-th call (`step` then returns the new lr and grad norm; in between, the last ones)."""
+
+    kind = "deepspeed"
+
+    def __init__(self, method: torch.nn.Module, cfg, total_steps: int, device: torch.device):
+        try:
+            import deepspeed
+        except Exception as e:  # noqa: BLE001  (any import failure: say what to do)
+            raise ImportError(
+                f"train.engine=deepspeed but deepspeed does not import ({type(e).__name__}: {e}); "
+                "install deepspeed==0.19.8 or set train.engine=ddp"
+            ) from e
+        d = torch.distributed
+        if not (d.is_available() and d.is_initialized()):
+            raise RuntimeError(
+                "train.engine=deepspeed needs a torch.distributed process group before the engine is built "
+                "(Ray Train's TorchTrainer sets one up; in a single process call "
+                "torch.distributed.init_process_group('gloo', rank=0, world_size=1))"
+            )
+        world = world_size()
+        if "LOCAL_RANK" not in os.environ:
+            if world > 1:
+                raise RuntimeError("train.engine=deepspeed: LOCAL_RANK is not set (Ray Train sets it on each worker)")
+            os.environ["LOCAL_RANK"] = "0"
+        self.config = deepspeed_config(cfg, world)
+        ds = cfg.train.deepspeed
+        # ZeRO 0 in fp32: DeepSpeed steps our torch optimizer directly, records no grad norm,
+        # and its own clip_grad_norm_ raises on 0-dim parameters (in-place multiply by a
+        # [1]-shaped coefficient, DeepSpeed 0.19.8): this engine clips there, as DDPEngine.
+        self._own_clip = ds.zero_stage == 0 and ds.precision == "fp32"
+        self._grad_clip = cfg.optim.grad_clip
+        passed = dict(self.config, gradient_clipping=0.0) if self._own_clip else self.config
+        self.dtype = _DTYPES[cfg.train.deepspeed.precision]
+        self.accumulation = self.config["gradient_accumulation_steps"]
+        self.micro_batch_size = self.config["train_micro_batch_size_per_gpu"]
+        device = torch.device(device)
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+
+        optimizer = cfg.optim.build([p for p in method.parameters() if p.requires_grad])
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cfg.optim.lr_at(s, total_steps))
+        try:
+            with _broadcastable_scalars(deepspeed):
+                engine, _, _, _ = deepspeed.initialize(
+                    model=method, optimizer=optimizer, lr_scheduler=scheduler, config=passed, dist_init_required=False
+                )
+        except Exception as e:  # noqa: BLE001
+            raise RuntimeError(
+                f"deepspeed.initialize failed for train.deepspeed={cfg.train.deepspeed.model_dump()} "
+                f"(config {json.dumps(self.config, sort_keys=True)}): {type(e).__name__}: {e}"
+            ) from e
+        self.engine = engine
+        self.module = engine.module  # the method itself (its parameters cast to bf16/fp16 when set)
+        self.scheduler = engine.lr_scheduler
+        # ZeRO 0 with bf16/fp16 wraps our optimizer in FP16_UnfusedOptimizer (FP16_Optimizer
+        # for DeepSpeed's FusedAdam), which keeps fp32 master copies of its own
+        self._fp16_optimizer = type(engine.optimizer).__name__ in ("FP16_Optimizer", "FP16_UnfusedOptimizer")
+        if self._fp16_optimizer:
+            # which runs one optimizer step on zero gradients
+            # when it is built: with AdamW that decays the fp32 master weights once and starts
+            # the step count at 1. Undo it, so step 1 is the first real step as under DDP.
+            engine.optimizer.refresh_fp32_params()
+            engine.basic_optimizer.state.clear()
+        self._norm = float("nan")
+
+    # -- training
+
+    def __call__(self, batch, epoch: float):
+        device = self.engine.device
+        moved = {}
+        for k, v in batch.items():
+            if torch.is_tensor(v):
+                v = v.to(device, self.dtype) if self.dtype is not None and v.is_floating_point() else v.to(device)
+            moved[k] = v
+        return self.engine(moved, epoch)
+
+    def step(self, loss: torch.Tensor) -> dict[str, float]:
+        engine = self.engine
+        engine.backward(loss)
+        boundary = engine.is_gradient_accumulation_boundary()
+        own = None
+        if boundary and self._own_clip:  # the reduced grads; the norm before clipping, as DDPEngine
+            params = [p for p in self.module.parameters() if p.grad is not None]
+            own = float(torch.nn.utils.clip_grad_norm_(params, self._grad_clip or float("inf")))
+        engine.step()
+        if boundary:
+            norm = own if own is not None else engine.get_global_grad_norm()
+            self._norm = float(norm) if norm is not None else float("nan")
+        return {"lr": self.scheduler.get_last_lr()[0], "grad_norm": self._norm}
+
+    @property
+    def global_steps(self) -> int:
+        """Optimizer steps taken (micro-batches / grad_accumulation)."""
+        return self.engine.global_steps
+
+    # -- consolidated fp32 state (world-size independent)
+
+    def _fp16_master_views(self) -> dict[int, torch.Tensor]:
+        """id(param) → its fp32 master copy in FP16_UnfusedOptimizer / FP16_Optimizer."""
+        views = {}
+        opt = self.engine.optimizer
+        if hasattr(opt, "fp32_groups_flat"):  # FP16_Optimizer: one flat fp32 tensor per group
+            for params, flat in zip(opt.fp16_groups, opt.fp32_groups_flat):
+                offset = 0
+                for p in params:
+                    views[id(p)] = flat.narrow(0, offset, p.numel()).view_as(p)
+                    offset += p.numel()
+        else:
+            for params, masters in zip(opt.fp16_groups, opt.fp32_groups):
+                views.update({id(p): m for p, m in zip(params, masters)})
+        return views
+
+    def _full_fp32_params(self) -> dict[int, torch.Tensor]:
+        """id(param) → the full fp32 value on the CPU: the optimizer's fp32 master weights
+        for trained parameters (collective under ZeRO ≥ 1), the module's for frozen ones."""
+        from deepspeed.utils import safe_get_full_fp32_param
+        from deepspeed.runtime.zero import GatheredParameters
+
+        masters = self._fp16_master_views() if self._fp16_optimizer else {}
+        out = {}
+        for p in self.module.parameters():
+            if id(p) in out:
+                continue
+            if id(p) in masters:
+                value = masters[id(p)]
+            elif p.requires_grad and (hasattr(p, "_hp_mapping") or hasattr(p, "_z3_optimizer")):
+                value = safe_get_full_fp32_param(p)
+            elif hasattr(p, "ds_id"):  # frozen ZeRO-3 parameter: gather it
+                with GatheredParameters([p]):
+                    value = p.detach().clone()
+            else:
+                value = p.detach()
+            out[id(p)] = value.to("cpu", torch.float32, copy=True)
+        return out
+
+    def state_dict(self) -> dict:
+        """{"model": fp32 module state (keys as method.state_dict()), "scheduler", "steps"}.
+        Optimizer moments are not in it: `save(dir)` / `load(dir)` resume exactly.
+        A collective under ZeRO ≥ 1 with several ranks: call it on every rank."""
+        full = self._full_fp32_params()
+        model = {}
+        for key, t in self.module.state_dict(keep_vars=True).items():
+            if id(t) in full:
+                model[key] = full[id(t)]
+            else:  # buffers
+                t = t.detach().to("cpu", copy=True)
+                model[key] = t.float() if t.is_floating_point() else t
+        e = self.engine
+        steps = {"global_steps": e.global_steps, "global_samples": e.global_samples, "skipped_steps": e.skipped_steps}
+        return {"model": model, "scheduler": self.scheduler.state_dict(), "steps": steps}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Module weights (fp32, into the module and the optimizer's fp32 master copies),
+        LR-schedule position and step counters from `state_dict()` (or DDPEngine's: its
+        "model" has the same keys). Optimizer moments start fresh."""
+        from deepspeed.utils import safe_set_full_fp32_param
+        from deepspeed.runtime.zero import GatheredParameters
+
+        model = state["model"]
+        tensors = self.module.state_dict(keep_vars=True)
+        missing, unexpected = sorted(set(tensors) - set(model)), sorted(set(model) - set(tensors))
+        if missing or unexpected:
+            raise KeyError(f"state does not fit the module: missing {missing}, unexpected {unexpected}")
+        masters = self._fp16_master_views() if self._fp16_optimizer else {}
+        with torch.no_grad():
+            for key, t in tensors.items():
+                value = model[key]
+                if hasattr(t, "ds_id"):  # ZeRO-3: write the gathered parameter, re-partitioned on exit
+                    with GatheredParameters([t], modifier_rank=0):
+                        t.data.copy_(value)
+                        if t.dim() == 0:  # the exit broadcast views it as uint8 (see _broadcastable_scalars)
+                            t.data = t.data.view(1)
+                    if len(t.ds_shape) == 0 and t.data.numel() == 1:  # still gathered (persistent)
+                        t.data = t.data.view(())
+                else:
+                    t.data.copy_(value.to(t.device, t.dtype))
+                if not (isinstance(t, torch.nn.Parameter) and t.requires_grad):
+                    continue
+                if id(t) in masters:
+                    masters[id(t)].copy_(value)
+                elif hasattr(t, "_z3_optimizer"):
+                    _set_zero3_fp32(t, value)
+                elif hasattr(t, "_hp_mapping"):
+                    safe_set_full_fp32_param(t, value.to(self.engine.device, torch.float32))
+        if "scheduler" in state:
+            self.scheduler.load_state_dict(state["scheduler"])
+            for group, lr in zip(self.scheduler.optimizer.param_groups, self.scheduler.get_last_lr()):
+                group["lr"] = lr
+        for name, value in state.get("steps", {}).items():
+            setattr(self.engine, name, value)
+        _log("DeepSpeedEngine.load_state_dict restored weights, LR schedule and step counters; optimizer moments start fresh (engine.load(dir) resumes exactly)")
+
+    # -- DeepSpeed's sharded checkpoints (every rank calls these)
+
+    def save(self, directory: str | Path, tag: str | None = None) -> Path:
+        """DeepSpeed's save_checkpoint: <dir>/<tag>/ (default global_step<N>) + <dir>/latest,
+        holding module, optimizer shards, LR scheduler and step counters. Every rank calls it."""
+        self.engine.save_checkpoint(str(directory), tag=tag, client_state={"raytrain_engine": self.kind})
+        return Path(directory)
+
+    def load(self, directory: str | Path, tag: str | None = None) -> dict:
+        """DeepSpeed's load_checkpoint of `save`'s directory (same world size and ZeRO stage);
+        returns the client state. Every rank calls it."""
+        path, client = self.engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        if path is None:
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory} (tag {tag or 'from the latest file'})")
+        return client or {}
+
+
+def build_engine(method, cfg, total_steps: int, device) -> DDPEngine | DeepSpeedEngine:
+    """The engine named by cfg.train.engine; prints one line with its settings."""
+    name = cfg.train.engine
+    if name == "deepspeed":
+        engine = DeepSpeedEngine(method, cfg, total_steps, device)
+        clip = " (gradient clipping by raytrain: DeepSpeed gets 0)" if engine._own_clip else ""
+        _log(f"engine=deepspeed world_size={world_size()} config={json.dumps(engine.config, sort_keys=True)}{clip}")
+        return engine
+    if name == "ddp":
+        engine = DDPEngine(method, cfg, total_steps, device)
+        clip = cfg.optim.grad_clip
+        _log(f"engine=ddp world_size={world_size()} optimizer={cfg.optim.name} grad_clip={clip if clip else 'off'} precision=fp32")
+        return engine
+    raise ValueError(f"unknown train.engine {name!r}; expected 'ddp' or 'deepspeed'")
