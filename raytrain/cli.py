@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
 
             manifest = make_dataset(args.out_dir, args.n_train, args.n_eval, args.seed, args.image_size)
             print(f"raytrain: dataset in {args.out_dir}: {manifest['counts']}")
-    except (ConfigError, SchemaError, StorageError) as e:  # CacheMismatch is a ConfigError
+    except (ConfigError, SchemaError, StorageError, FileNotFoundError) as e:  # CacheMismatch is a ConfigError
         print(f"raytrain: error: {e}", file=sys.stderr)
         return 2
     return 0

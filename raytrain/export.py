@@ -26,7 +26,9 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
 
     state, meta = load(checkpoint)
     cfg, src = meta["config"], DataSource(**meta["source"])
-    student = {k[len("student.") :]: v.contiguous() for k, v in state["method"].items() if k.startswith("student.")}
+    # the training loop's layout: the engine's consolidated fp32 state (DDP or DeepSpeed)
+    weights = state["engine"]["model"]
+    student = {k[len("student.") :]: v.float().contiguous() for k, v in weights.items() if k.startswith("student.")}
     if not student:
         raise ValueError(f"checkpoint {checkpoint} holds no student weights")
     out = Path(out)

@@ -18,14 +18,25 @@ TEST_KEY = TEST_SECRET = "testing"  # moto's test credentials; never real ones
 TEST_REGION = "us-east-1"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture
 def ray_local():
-    """An in-process local Ray instance for tests of Ray Data pieces."""
+    """An in-process local Ray instance for tests of Ray Data pieces: started by the first
+    test that asks, shared by the next ones, shut down by `no_inprocess_ray`."""
     import ray
 
-    # "local": always a fresh cluster of our own, never a stale or foreign one in /tmp/ray
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
+    if not ray.is_initialized():
+        # "local": always a fresh cluster of our own, never a stale or foreign one in /tmp/ray
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    return ray
+
+
+@pytest.fixture
+def no_inprocess_ray():
+    """For tests that start a real cluster and end with `ray stop --force`: that kills every
+    Ray process on the machine, an in-process cluster's raylet included, and a driver whose
+    raylet dies exits, so the pytest process would die with it. Shut ours down first."""
+    import ray
+
     ray.shutdown()
 
 

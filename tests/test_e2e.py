@@ -26,7 +26,7 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def cluster(tmp_path):
+def cluster(tmp_path, no_inprocess_ray):
     bin_dir = Path(sys.executable).parent
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     gcs, dash = free_port(), free_port()
@@ -68,3 +68,10 @@ def test_order_sweep_through_ray_job_submit(cluster, tmp_path):
     assert (report.parent / "metrics_vs_order.png").stat().st_size > 0
     assert list(report.parent.glob("run_trial_*/events.out.tfevents.*")), "Tune wrote no TensorBoard files"
     assert len(list(report.parent.glob("run_trial_*/wandb/offline-run-*"))) == 6, "no offline W&B run per trial"
+    # a trial's final checkpoint exports to a student that embeds without Ray
+    from raytrain.cli import main
+    from raytrain.export import ExportedStudent
+
+    ckpt = sorted(results.glob("*/train_runs/*/checkpoint_2*"))[-1]
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "student")]) == 0
+    assert math.isfinite(float(ExportedStudent.load(tmp_path / "student").embed_texts(["a red circle"]).sum()))

@@ -114,6 +114,17 @@ def test_deepspeed_engine_fails_loudly(monkeypatch):
         deepspeed_config(config("train.deepspeed.grad_accumulation=3"), 1)
 
 
+def test_loop_splits_a_step_into_accumulation_micro_batches():
+    """With grad_accumulation G the training loop feeds each step's rows as G micro-batches."""
+    from raytrain.train.loop import _split
+
+    inputs = {"pixels": torch.arange(20.0).view(10, 2), "tokens": torch.arange(10)}
+    parts = _split(inputs, 2)
+    assert [p["tokens"].tolist() for p in parts] == [[0, 1, 2, 3, 4], [5, 6, 7, 8, 9]]
+    assert torch.equal(torch.cat([p["pixels"] for p in parts]), inputs["pixels"])
+    assert _split(inputs, 1) == [inputs]
+
+
 # ------------------------------------------------- worker-side code (runs in the spawned process)
 
 

@@ -30,7 +30,7 @@ def test_export_round_trip_without_ray(tmp_path):
     method = build_method(cfg, tok.vocab_size, tok.pad_id)
     from dataclasses import asdict
 
-    ckpt = checkpoint.save(tmp_path / "ckpt", {"method": method.state_dict()}, cfg, {"source": asdict(src)})
+    ckpt = checkpoint.save(tmp_path / "ckpt", {"engine": {"model": method.state_dict()}}, cfg, {"source": asdict(src)})
     assert main(["export", str(ckpt), "--out", str(tmp_path / "student")]) == 0
 
     img = np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)

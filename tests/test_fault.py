@@ -4,6 +4,7 @@ same metrics as its uninterrupted twin; (c) a trial whose loss turns NaN is repo
 failed and the sweep and report go on; (b) a killed sweep driver resumed with `--resume`
 finishes without re-running completed trials."""
 
+import json
 import math
 import os
 import signal
@@ -50,6 +51,18 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen):
     raise TimeoutError(f"no {what} within {timeout} s")
 
 
+def registered_checkpoints(storage: Path) -> list[Path]:
+    """Checkpoints Ray Train has registered (a directory appears on storage before its report
+    is processed; a worker killed in between resumes from the one before)."""
+    found = []
+    for snapshot in storage.glob("*/train_runs/*/checkpoint_manager_snapshot.json"):
+        try:
+            found += [snapshot.parent / r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
+        except (OSError, ValueError, KeyError):  # being written
+            pass
+    return found
+
+
 def report_of(out: str) -> Path:
     line = [x for x in out.splitlines() if "report written to" in x]
     assert line, out[-4000:]
@@ -57,7 +70,7 @@ def report_of(out: str) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def stop_ray():
+def stop_ray(no_inprocess_ray):
     yield
     subprocess.run([Path(sys.executable).parent / "ray", "stop", "--force"], capture_output=True, timeout=120)
 
@@ -71,7 +84,7 @@ def test_killed_worker_resumes_to_the_same_result_and_nan_trial_fails(tmp_path):
                  "train.checkpoint_every=8", "run.max_concurrent_trials=1", f"run.storage_path={storage}",
                  f"data.root={tmp_path / 'data'}")  # fmt: skip
     # trials run one at a time in grid order, so the first checkpoint is trial 0's (max_failures 1)
-    first = wait_for(lambda: sorted(storage.glob("*/train_runs/*/checkpoint_*")), 300, "checkpoint", proc)
+    first = wait_for(lambda: registered_checkpoints(storage), 300, "checkpoint", proc)
     worker = wait_for(lambda: [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])], 60, "worker", proc)
     os.kill(worker[0].pid, signal.SIGKILL)
     out, _ = proc.communicate(timeout=900)
@@ -106,3 +119,35 @@ def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
     trials = pd.read_csv(report_of(out).parent / "trials.csv")
     assert len(trials) == 3 and (trials["status"] == "TERMINATED").all(), trials
     assert first.joinpath("result.json").read_text() == before  # the finished trial was not run again
+
+
+def test_killed_worker_resumes_deepspeed_zero2_from_its_sharded_checkpoint(tmp_path):
+    """DeepSpeed ZeRO-2 bf16 on 2 workers: the checkpoint holds both ranks' optimizer shards;
+    after a worker is killed the trial loads them and ends where its uninterrupted twin does."""
+    storage = tmp_path / "runs"
+    proc = sweep(tmp_path, space(tmp_path, "{train.max_failures: [1, 0]}", "train.max_failures"), *SMALL, "train.engine=deepspeed",
+                 "train.num_workers=2", "train.cpus_per_worker=0.45", "train.deepspeed.zero_stage=2", "train.deepspeed.precision=bf16",
+                 "train.report_every=4", "train.checkpoint_every=8", "run.max_concurrent_trials=1", f"run.storage_path={storage}",
+                 f"data.root={tmp_path / 'data'}")  # fmt: skip
+    first = wait_for(lambda: registered_checkpoints(storage), 300, "checkpoint", proc)
+    shards = sorted(p.name for p in first[0].glob("deepspeed/global_step*/*optim_states.pt"))
+    assert shards == ["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"]
+    worker = wait_for(lambda: [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])], 60, "worker", proc)
+    os.kill(worker[-1].pid, signal.SIGKILL)
+    out, _ = proc.communicate(timeout=900)
+    assert proc.returncode == 0, out[-4000:]
+    assert "engine=deepspeed world_size=2" in out
+    trials = pd.read_csv(report_of(out).parent / "trials.csv")
+    assert (trials["status"] == "TERMINATED").all(), trials["error"].tolist()
+    killed, twin = (trials[trials["max_failures"] == f].iloc[0] for f in (1, 0))
+    assert killed["resumed_step"] > 0 and twin["resumed_step"] == -1
+    for metric in ("loss", "mean_r@1", "zs_top1"):
+        assert math.isclose(killed[metric], twin[metric], rel_tol=1e-4, abs_tol=1e-6), (metric, killed[metric], twin[metric])
+    # the final checkpoint's consolidated fp32 weights export without Ray or DeepSpeed
+    from raytrain.cli import main
+    from raytrain.export import ExportedStudent
+
+    ckpt = sorted(storage.glob("*/train_runs/*/checkpoint_2*"))[-1]
+    assert (ckpt / "deepspeed" / "latest").is_file()
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "student")]) == 0
+    assert math.isfinite(float(ExportedStudent.load(tmp_path / "student").embed_texts(["a red circle"]).sum()))

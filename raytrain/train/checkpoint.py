@@ -33,6 +33,8 @@ def save(directory: str | Path, state: dict, cfg, extra: dict | None = None) -> 
 def load(directory: str | Path) -> tuple[dict, dict]:
     """(state, metadata with "config") from a checkpoint directory."""
     directory = Path(directory)
+    if not (directory / CONFIG).is_file() or not (directory / WEIGHTS).is_file():
+        raise FileNotFoundError(f"{directory} is not a raytrain checkpoint directory (it needs {CONFIG} and {WEIGHTS})")
     meta = json.loads((directory / CONFIG).read_text())
     return torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True), meta
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import ray.train
@@ -21,6 +22,7 @@ from raytrain.train.engine import build_engine
 from raytrain.train.checkpoint import get_rng_state, set_rng_state
 
 ROW_INFO = ("id", "path", *SKIP_REASONS)  # batch columns that are not model inputs
+DEEPSPEED_DIR = "deepspeed"  # DeepSpeed's sharded states inside a checkpoint
 
 
 def worker_config(cfg, src: DataSource) -> dict:
@@ -45,11 +47,15 @@ def train_loop_per_worker(payload: dict) -> None:
         raise ValueError(f"train.batch_size {cfg.train.batch_size} exceeds the {src.num_rows} training rows")
     total = min(cfg.train.epochs * steps_per_epoch, cfg.train.max_steps or 1 << 62)
     engine = build_engine(method, cfg, total, device)
-    progress = {"step": 0, "seen": 0, "skipped": dict.fromkeys(SKIP_REASONS, 0), "resumed_step": -1}
+    progress = {"step": 0, "seen": 0, "skipped": dict.fromkeys(SKIP_REASONS, 0), "resumed_step": -1, "world_size": world}
     if (resumed := ray.train.get_checkpoint()) is not None:  # after a failure: continue exactly
         with resumed.as_directory() as d:
             saved, _ = checkpoint.load(d)
-        engine.load_state_dict(saved["engine"])
+            sharded = Path(d) / DEEPSPEED_DIR
+            if hasattr(engine, "load") and sharded.is_dir() and saved["progress"].get("world_size") == world:
+                engine.load(sharded)  # DeepSpeed's own states: optimizer shards included
+            else:  # DDP, or DeepSpeed at another world size: weights, schedule, steps
+                engine.load_state_dict(saved["engine"])
         progress = {**saved["progress"], "resumed_step": saved["progress"]["step"]}
         set_rng_state(saved["rng"][rank])
         print(f"raytrain: rank {rank} resumed at step {progress['step']} from {resumed.path}", flush=True)
@@ -73,10 +79,13 @@ def train_loop_per_worker(payload: dict) -> None:
             for reason in SKIP_REASONS:
                 progress["skipped"][reason] += int(batch[reason].sum())
             inputs = {k: torch.from_numpy(v[keep]).to(device) for k, v in batch.items() if k not in ROW_INFO}
-            loss, logs = engine(inputs, 1 + epoch + i / steps_per_epoch)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss became {loss.item()} at step {progress['step']} (epoch {epoch}); lower optim.lr?")
-            stats = engine.step(loss)
+            # one optimizer step; DeepSpeed's gradient accumulation splits it into micro-batches
+            # (the last one's loss and logs are reported)
+            for micro in _split(inputs, getattr(engine, "accumulation", 1)):
+                loss, logs = engine(micro, 1 + epoch + i / steps_per_epoch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss.item()} at step {progress['step']} (epoch {epoch}); lower optim.lr?")
+                stats = engine.step(loss)
             window.append(time.perf_counter() - t0)
             progress["seen"] += int(keep.sum())
             progress["step"] += 1
@@ -96,24 +105,52 @@ def train_loop_per_worker(payload: dict) -> None:
     metrics.update({f"skipped_{r}": int(n) for r, n in counts.items()}, skipped_rows=int(sum(counts.values())))
     metrics["samples_seen"] = int(all_sum([progress["seen"]])[0])
     metrics.update(resumed_step=progress["resumed_step"], world_size=world, startup_s=first_batch_s or 0.0, train_s=time.perf_counter() - started - (first_batch_s or 0.0))
+    state = engine.state_dict()  # every rank: a collective under DeepSpeed ZeRO
     if rank == 0 and cfg.train.eval and src.eval_dir:
         t0 = time.perf_counter()
-        metrics.update(evaluate(method, tokenizer, cfg, src.eval_dir, device))
+        metrics.update(evaluate(eval_model(engine, state, cfg, tokenizer, device), tokenizer, cfg, src.eval_dir, device))
         metrics["eval_s"] = time.perf_counter() - t0
-    report(metrics, engine, progress, cfg, payload, rank, save=True)
+    report(metrics, engine, progress, cfg, payload, rank, save=True, state=state)
 
 
-def report(metrics: dict, engine, progress: dict, cfg, payload: dict, rank: int, save: bool) -> None:
-    """ray.train.report on every rank; with `save`, rank 0 attaches a checkpoint holding
-    the engine state, the progress (step, data position, counters) and every rank's RNG."""
-    rngs = gather_objects(get_rng_state()) if save else None  # a collective: all ranks
-    if not save or rank != 0:
+def eval_model(engine, state: dict, cfg, tokenizer, device) -> torch.nn.Module:
+    """The method to evaluate on rank 0 alone: DDP's own module, or under DeepSpeed an fp32
+    copy from the consolidated state (DeepSpeed's parameters may be bf16, or ZeRO-3
+    partitions that only a collective can gather)."""
+    if engine.kind == "ddp":
+        return engine.module
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # the same frozen teachers as the trained method's
+        model = build_method(cfg, tokenizer.vocab_size, tokenizer.pad_id)
+    model.load_state_dict(state["model"])
+    return model.to(device)
+
+
+def report(metrics: dict, engine, progress: dict, cfg, payload: dict, rank: int, save: bool, state: dict | None = None) -> None:
+    """ray.train.report on every rank; with `save`, a checkpoint: rank 0 writes the
+    consolidated engine state (what export and a resume at another world size read), the
+    progress (step, data position, counters) and every rank's RNG; under DeepSpeed every
+    rank adds its own shards of DeepSpeed's checkpoint in deepspeed/ (Ray merges the ranks'
+    directories into one checkpoint). `state`: engine.state_dict() when the caller has it."""
+    if not save:
         ray.train.report(metrics)
         return
-    state = {"engine": engine.state_dict(), "progress": progress, "rng": rngs}
+    rngs = gather_objects(get_rng_state())  # collectives: every rank runs both
+    state = state or engine.state_dict()
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = checkpoint.save(f"{tmp}/ckpt", state, cfg, {"source": payload["source"]})
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt))
+        ckpt = Path(tmp) / "ckpt"
+        if rank == 0:
+            checkpoint.save(ckpt, {"engine": state, "progress": progress, "rng": rngs}, cfg, {"source": payload["source"]})
+        if hasattr(engine, "save"):
+            engine.save(ckpt / DEEPSPEED_DIR)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt) if ckpt.exists() else None)
+
+
+def _split(inputs: dict, parts: int) -> list[dict]:
+    if parts == 1:
+        return [inputs]
+    chunks = {k: torch.tensor_split(v, parts) for k, v in inputs.items()}
+    return [{k: c[j] for k, c in chunks.items()} for j in range(parts)]
 
 
 def _metrics(loss, logs, stats, step, epoch, window, local_batch) -> dict:

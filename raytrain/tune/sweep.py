@@ -161,6 +161,8 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), resume: str | N
             from ray.air.integrations.wandb import WandbLoggerCallback
 
             mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+            if mode == "offline":  # Ray's callback asks for an API key unless WANDB_MODE says offline
+                os.environ.setdefault("WANDB_MODE", "offline")
             callbacks.append(WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT", "raytrain"), mode=mode))
         name = f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
         tuner = tune.Tuner(
