@@ -78,6 +78,7 @@ def train_dataset(src: DataSource, cfg: DataConfig, seed: int, cache=None):
     ).randomize_block_order(seed=seed)  # fmt: skip
     fn = Preprocess(src.tokenizer(cfg), cfg, cache)
     ds = ds.map_batches(fn, batch_format="numpy", batch_size=256, num_cpus=cfg.num_cpus)
-    # a deterministic order, so a run resumed from a checkpoint skips exactly the batches it saw
+    # a deterministic order, so a run resumed from a checkpoint skips exactly the batches it
+    # saw (Ray Train replaces these options with its own: see tune.sweep.ingest_config)
     ds.context.execution_options.preserve_order = True
     return ds

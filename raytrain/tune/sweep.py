@@ -119,6 +119,7 @@ def run_trial(params: dict[str, Any], base: dict, variants: dict, source, cache=
             resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})},
         ),
         datasets={"train": train_dataset(source, cfg.data, cfg.seed, cache if cfg.cache.use else None)},
+        dataset_config=ingest_config(),
         run_config=RunConfig(
             name=ctx.get_trial_name(),
             # beside the Tune experiment, so one storage path (local, NFS or S3) holds the sweep
@@ -174,6 +175,17 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), resume: str | N
     print(f"raytrain: {len(trials)} trials of {space.name}; data {source.path} ({source.num_rows} rows)", flush=True)
     grid = tuner.fit()
     return write_sweep_report(grid, space, base.seed)
+
+
+def ingest_config():
+    """Ray Train's ingest options with preserve_order: Train replaces the dataset's own
+    execution options with these, and a deterministic order is what lets a resumed run skip
+    exactly the batches it saw (and two trials equal but for the cache see the same batches)."""
+    from ray.train import DataConfig
+
+    options = DataConfig.default_ingest_options()
+    options.preserve_order = True
+    return DataConfig(execution_options=options)
 
 
 def shared_cache(base: Config, source, configs: list[Config]):
