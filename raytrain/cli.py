@@ -17,6 +17,8 @@ def main(argv: list[str] | None = None) -> int:
     sweep = sub.add_parser("sweep", help="run a Tune space (order sweep, ablations, baselines) and write its report")
     sweep.add_argument("--space", default="tune_spaces/order_sweep.yaml", help="space file (tune_spaces/*.yaml)")
     sweep.add_argument("--resume", metavar="EXPERIMENT_DIR", help="resume an interrupted sweep from its directory")
+    sweep.add_argument("--profile", action="append", default=[], metavar="FILE",
+                       help="config fragment for the machine (tune_spaces/profiles/*.yaml: scale, GPUs, CPUs per worker); repeatable")  # fmt: skip
     sweep.add_argument("overrides", nargs="*", help="dotted config overrides (train.lr=1e-3) or grid axes (grid.seed=[0])")
 
     cache = sub.add_parser("cache", help="build (or resume) the teacher cache for a config")
@@ -39,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             from raytrain.tune.sweep import run_sweep
 
-            report = run_sweep(args.space, args.overrides, args.resume)
+            report = run_sweep(args.space, args.overrides, args.resume, args.profile)
             print(f"raytrain: report written to {report}", flush=True)
         elif args.command == "cache":
             from raytrain.config import load_config

@@ -45,9 +45,11 @@ class Space(BaseModel):
     baseline: Any = None
 
 
-def load_space(path: str | Path, overrides: list[str] = ()) -> tuple[Space, Config, list[dict[str, Any]]]:
-    """(space, base config, per-trial overrides). CLI overrides `grid.<key>=[...]` replace a
-    grid axis (e.g. `grid.seed=[0]`); any other override applies to every trial."""
+def load_space(path: str | Path, overrides: list[str] = (), profiles: list[str | Path] = ()) -> tuple[Space, Config, list[dict[str, Any]]]:
+    """(space, base config, per-trial overrides). `profiles` are config fragments (YAML, e.g.
+    tune_spaces/profiles/h100x8-trials.yaml: scale and resources) merged over the space's
+    config in order. CLI overrides `grid.<key>=[...]` replace a grid axis (e.g.
+    `grid.seed=[0]`); any other override applies to every trial."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"space file {path} does not exist")
@@ -58,6 +60,8 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> tuple[Space, Conf
     if space.extends:
         parent, _, _ = load_space(path.parent / space.extends)
         space.config = _merge(parent.config, space.config)
+    for profile in profiles:
+        space.config = _merge(space.config, load_profile(profile))
     config_overrides = {}
     for key, value in parse_overrides(list(overrides)).items():
         if key.startswith("grid."):
@@ -79,6 +83,17 @@ def load_space(path: str | Path, overrides: list[str] = ()) -> tuple[Space, Conf
     if space.group not in space.grid:
         raise ConfigError(f"space {path}: group {space.group!r} is not a grid key ({', '.join(keys)})")
     return space, base, trials
+
+
+def load_profile(path: str | Path) -> dict:
+    """A config fragment: a YAML mapping of config keys (validated with the space's config)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"profile file {path} does not exist")
+    fragment = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(fragment, dict):
+        raise ConfigError(f"profile file {path} must be a mapping of config keys (e.g. train: {{use_gpu: true}})")
+    return fragment
 
 
 def _merge(base: dict, top: dict) -> dict:
@@ -136,14 +151,14 @@ def run_trial(params: dict[str, Any], base: dict, variants: dict, source, cache=
     trainer.fit()
 
 
-def run_sweep(space_path: str | Path, overrides: list[str] = (), resume: str | None = None) -> Path:
+def run_sweep(space_path: str | Path, overrides: list[str] = (), resume: str | None = None, profiles: list[str | Path] = ()) -> Path:
     """Run (or, given the experiment directory, resume) a sweep; returns the report path."""
     import ray
     from ray import tune
 
     from raytrain.data.pipeline import prepare
 
-    space, base, trials = load_space(space_path, overrides)
+    space, base, trials = load_space(space_path, overrides, profiles)
     storage = os.path.expanduser(base.run.storage_path)
     source = prepare(base.data)  # generates the embedded default once, before any trial
     if not ray.is_initialized():
