@@ -371,12 +371,15 @@ def _check_keys(tree: dict, model: type[BaseModel], prefix: str) -> None:
 
 def load_config(path: str | Path | None = None, overrides: dict[str, Any] | list[str] = ()) -> Config:
     """Load a YAML config file (or the defaults when path is None) and apply overrides."""
-    tree = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        tree = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(tree, dict):
-            raise ConfigError(f"config file {path} must hold a mapping at the top level")
-    return make_config(tree, overrides)
+    return make_config(read_tree(path, "config file") if path is not None else {}, overrides)
+
+
+def read_tree(path: str | Path, what: str) -> dict:
+    """A YAML file's top-level mapping of config keys (a config file, or a profile fragment)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{what} {path} does not exist")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{what} {path} must hold a mapping of config keys at the top level (e.g. train: {{epochs: 8}})")
+    return tree

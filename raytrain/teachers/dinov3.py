@@ -13,7 +13,6 @@ names a local directory written by `save_pretrained`; nothing is downloaded.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
+from raytrain.teachers import weights_hash
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -169,11 +170,5 @@ class DINOv3Teacher(nn.Module):
         return TeacherOutput(cls=last[:, 0], patches=last[:, first:], multiscale=multiscale.contiguous())
 
     def fingerprint(self) -> str:
-        """sha256 over parameter names, shapes, dtypes and bytes: identifies the weights
-        (the teacher cache keys on it together with image_size, layers and grid)."""
-        h = hashlib.sha256()
-        for name, p in sorted(self.model.state_dict().items()):
-            t = p.detach().cpu().contiguous()
-            h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+        """Identifies the weights (the teacher cache keys on it with the preprocessing)."""
+        return weights_hash(self.model)

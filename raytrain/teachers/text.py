@@ -19,13 +19,14 @@ pooling; embeddings are normalized in `encode` either way.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from raytrain.teachers import weights_hash
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -97,10 +98,5 @@ class TextTeacher(nn.Module):
         return self.encode(texts)
 
     def fingerprint(self) -> str:
-        """sha256 over parameter/buffer names, shapes, dtypes and bytes (like DINOv3Teacher)."""
-        h = hashlib.sha256()
-        for name, p in sorted(self.model.state_dict().items()):
-            t = p.detach().cpu().contiguous()
-            h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+        """Identifies the weights (the teacher cache keys on it with the preprocessing)."""
+        return weights_hash(self.model)

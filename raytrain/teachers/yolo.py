@@ -31,7 +31,6 @@ fetched either.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -47,6 +46,8 @@ if not os.environ.get("YOLO_CONFIG_DIR"):
 
 import ultralytics  # noqa: E402  (after the environment above)
 from ultralytics import YOLO  # noqa: E402
+
+from raytrain.teachers import weights_hash  # noqa: E402
 
 SEED = 0
 # Settings that make ultralytics contact a server (or a third-party logger) when on.
@@ -151,15 +152,7 @@ class YOLOTeacher:
         self.names = dict(self.model.names)
         # The predictor folds BatchNorm into the convolutions on first use, which changes
         # state_dict(): hash the weights as loaded, once.
-        self._fingerprint = self._hash_weights()
-
-    def _hash_weights(self) -> str:
-        h = hashlib.sha256()
-        for name, p in sorted(self.model.model.state_dict().items()):
-            t = p.detach().cpu().contiguous()
-            h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-        return h.hexdigest()
+        self._fingerprint = weights_hash(self.model.model)
 
     def fingerprint(self) -> str:
         """sha256 over parameter/buffer names, shapes, dtypes and bytes of the loaded model."""

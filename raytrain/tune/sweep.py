@@ -25,7 +25,7 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
-from raytrain.config import Config, ConfigError, make_config, parse_overrides
+from raytrain.config import Config, ConfigError, make_config, parse_overrides, read_tree
 from raytrain.data.sources import resolve
 
 
@@ -61,7 +61,7 @@ def load_space(path: str | Path, overrides: list[str] = (), profiles: list[str |
         parent, _, _ = load_space(path.parent / space.extends)
         space.config = _merge(parent.config, space.config)
     for profile in profiles:
-        space.config = _merge(space.config, load_profile(profile))
+        space.config = _merge(space.config, read_tree(profile, "profile file"))
     config_overrides = {}
     for key, value in parse_overrides(list(overrides)).items():
         if key.startswith("grid."):
@@ -83,17 +83,6 @@ def load_space(path: str | Path, overrides: list[str] = (), profiles: list[str |
     if space.group not in space.grid:
         raise ConfigError(f"space {path}: group {space.group!r} is not a grid key ({', '.join(keys)})")
     return space, base, trials
-
-
-def load_profile(path: str | Path) -> dict:
-    """A config fragment: a YAML mapping of config keys (validated with the space's config)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"profile file {path} does not exist")
-    fragment = yaml.safe_load(path.read_text()) or {}
-    if not isinstance(fragment, dict):
-        raise ConfigError(f"profile file {path} must be a mapping of config keys (e.g. train: {{use_gpu: true}})")
-    return fragment
 
 
 def _merge(base: dict, top: dict) -> dict:
