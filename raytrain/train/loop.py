@@ -56,8 +56,9 @@ def train_loop_per_worker(payload: dict) -> None:
                 engine.load(sharded)  # DeepSpeed's own states: optimizer shards included
             else:  # DDP, or DeepSpeed at another world size: weights, schedule, steps
                 engine.load_state_dict(saved["engine"])
-        progress = {**saved["progress"], "resumed_step": saved["progress"]["step"]}
-        set_rng_state(saved["rng"][rank])
+        progress = {**saved["progress"], "resumed_step": saved["progress"]["step"], "world_size": world}
+        if rank < len(saved["rng"]):  # a rank new to a larger world keeps its seeded state
+            set_rng_state(saved["rng"][rank])
         print(f"raytrain: rank {rank} resumed at step {progress['step']} from {resumed.path}", flush=True)
     shard = ray.train.get_dataset_shard("train")
 
