@@ -57,3 +57,20 @@ def test_toy_study_job_writes_json_and_plot(tmp_path):
     assert "Pearson r(CKA, log min CLIP loss)" in out.stdout
     assert len(json.loads((tmp_path / "cka_toy.json").read_text())["cka"]) == 32
     assert (tmp_path / "cka_vs_clip_loss.png").stat().st_size > 0
+
+
+def test_select_encoders_ranks_pairs(tmp_path):
+    """freeze-align's encoder selection on the embedded data: one row per pair, best first."""
+    sys.path.insert(0, str(ROOT / "jobs"))
+    from select_encoders import main
+
+    out = tmp_path / "table.csv"
+    args = ["--image", "tiny=tiny", "--image", "vits16=vits16", "--text", "minilm=default", "--n", "64", "--out", str(out),
+            f"data.root={tmp_path / 'data'}", "data.n_train=64", "data.n_eval=16"]  # fmt: skip
+    assert main(args) == 0
+    import pandas as pd
+
+    table = pd.read_csv(out)
+    assert list(table["image_encoder"].sort_values()) == ["tiny", "vits16"] and set(table["text_encoder"]) == {"minilm"}
+    assert table["cka"].is_monotonic_decreasing and table["cka"].between(0, 1).all() and (table["pairs"] == 64).all()
+    assert main(["--image", "nameonly"]) == 2
