@@ -2,6 +2,8 @@
 parts frozen and out of checkpoints; the families nest: an order-0 trial is exactly CLIP,
 an order-R model starts as RankCLIP, and DINORANKCLIP starts as RankCLIP at its order."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -57,15 +59,18 @@ def test_order_zero_trains_exactly_clip():
 def test_higher_order_starts_as_rankclip():
     """λ_r = 0 at init, so order 4 equals order 1 in value."""
     one, four = build(["loss.order=1"]), build(["loss.order=4"])
-    assert four(batch(), 3.0)[0].item() == pytest.approx(one(batch(), 3.0)[0].item(), abs=1e-6)
+    assert four(batch(), 3.0)[0].item() == pytest.approx(one(batch(), 3.0)[0].item(), rel=1e-6)  # float32 rounding of a ~20 loss
 
 
 @pytest.mark.parametrize("order", [1, 3])
 def test_dinorankclip_starts_as_rankclip(order):
     """Injection is the identity at init: without distillation, DINORANKCLIP's loss and
     student gradients equal RankCLIP's at the same order, both branches on."""
-    rank = build(["method=rankclip", f"loss.order={order}"])
-    dino = build(["method=dinorankclip", f"loss.order={order}", "fusion.distill=false"])
+    # seed 1: the conflict gate's cosine factor is positive for some rows of this batch; on
+    # some inits (seed 0 here) it is ≤ 0 for every row, the gate is exactly closed and alpha
+    # gets no gradient until training turns the student towards the teacher feature
+    rank = build(["method=rankclip", f"loss.order={order}", "seed=1"])
+    dino = build(["method=dinorankclip", f"loss.order={order}", "fusion.distill=false", "seed=1"])
     dino.student.load_state_dict(rank.student.state_dict())
     if order >= 2:
         dino.image_transition.load_state_dict(rank.image_transition.state_dict())
@@ -73,7 +78,7 @@ def test_dinorankclip_starts_as_rankclip(order):
     lr, _ = rank(batch(), 3.0)
     ld, logs = dino(batch(), 3.0)
     lr.backward(), ld.backward()
-    assert ld.item() == pytest.approx(lr.item(), abs=1e-6) and "image_gate" in logs and "text_gate" in logs
+    assert ld.item() == pytest.approx(lr.item(), rel=1e-6) and "image_gate" in logs and "text_gate" in logs
     for (n, a), (_, b) in zip(rank.student.named_parameters(), dino.student.named_parameters()):
         torch.testing.assert_close(b.grad, a.grad, atol=1e-6, rtol=1e-5, msg=n)
     assert dino.image_injection.gate.alpha.grad.abs().sum() > 0  # the branch can open
@@ -108,3 +113,22 @@ def test_method_requirements_are_checked():
         make_config({}, ["method=dinorankclip", "cache.use=false"])
     with pytest.raises(ConfigError, match="add it to data.extra_captions"):
         make_config({}, ["method=alip"])
+
+
+def test_ablation_switches_keep_every_other_parts_initial_weights():
+    """Each row of the ablation table starts from the full model's weights, but for what it
+    switches: parts draw their init from their own streams (raytrain.models.init)."""
+    from raytrain.tune.sweep import load_space, trial_overrides
+
+    space, base, trials = load_space(Path(__file__).resolve().parents[1] / "tune_spaces/ablations.yaml", ["grid.seed=[0]"])
+
+    def weights(variant):
+        cfg = trial_overrides({"variant": variant, "seed": 0}, space.variants, base)
+        torch.manual_seed(123)  # the caller's RNG state must not matter either
+        return build_method(cfg, 50).state_dict()
+
+    full = weights("full")
+    for variant in space.variants:
+        other = weights(variant)
+        shared = set(full) & set(other)
+        assert shared and [k for k in sorted(shared) if not torch.equal(full[k], other[k])] == [], variant

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from raytrain.models.init import part_init
+
 
 def plackett_luce_loss(
     scores: Tensor,
@@ -80,8 +82,10 @@ class Transition(nn.Module):
         self.max_order, self.detach, self.scale = max_order, detach, 1 / math.sqrt(dim)
         # only terms that exist get parameters (DDP rejects parameters that get no gradient);
         # `pairwise` / `tuplewise` off are the ablations without those terms
-        self.pair = nn.Linear(emb_dim, 2 * dim, bias=False) if pairwise else None
-        self.tuple = nn.Linear(emb_dim, 3 * dim, bias=False) if max_order >= 3 and tuplewise else None
+        with part_init("pair"):  # own init streams: one term switched off keeps the other's init
+            self.pair = nn.Linear(emb_dim, 2 * dim, bias=False) if pairwise else None
+        with part_init("tuple"):
+            self.tuple = nn.Linear(emb_dim, 3 * dim, bias=False) if max_order >= 3 and tuplewise else None
         self.lam = nn.Parameter(torch.zeros(max(max_order - 1, 0)))
 
     def forward(self, emb: Tensor, prefix: Tensor, order: int) -> Tensor:

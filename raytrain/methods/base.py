@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
+from raytrain.models.init import part_init
 from raytrain.train.dist import gather
 
 
@@ -18,7 +19,8 @@ class Method(nn.Module):
     def __init__(self, cfg, vocab_size: int, pad_id: int = 0):
         super().__init__()
         self.cfg = cfg
-        self.student = cfg.model.build(vocab_size, cfg.data.image_size, cfg.data.context_length, pad_id)
+        with part_init("student", cfg.seed):  # see raytrain.models.init: ablations keep its init
+            self.student = cfg.model.build(vocab_size, cfg.data.image_size, cfg.data.context_length, pad_id)
         self._register_state_dict_hook(_drop_frozen)
         self.register_load_state_dict_post_hook(_ignore_missing_frozen)
 

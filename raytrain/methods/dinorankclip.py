@@ -18,6 +18,7 @@ from raytrain.losses.distill import cosine_distill
 from raytrain.methods import register_method
 from raytrain.methods.rankclip import RankCLIP
 from raytrain.models.fusion import ImageInjection, TextInjection
+from raytrain.models.init import part_init
 from raytrain.teachers.dinov3 import describe
 from raytrain.train.dist import gather
 
@@ -32,14 +33,17 @@ class DINORankCLIP(RankCLIP):
         dim, scales, grid = describe(cfg.teachers.dinov3)
         self.image_injection = self.text_injection = None
         if fusion.image_injection:
-            self.image_injection = ImageInjection(
-                dim, width, embed, scales, grid, use_channel=fusion.channel_attention,
-                use_spatial=fusion.spatial_attention, use_refiner=fusion.refiner, use_gate=fusion.gate,
-            )  # fmt: skip
+            with part_init("image_injection", cfg.seed):
+                self.image_injection = ImageInjection(
+                    dim, width, embed, scales, grid, use_channel=fusion.channel_attention,
+                    use_spatial=fusion.spatial_attention, use_refiner=fusion.refiner, use_gate=fusion.gate,
+                )  # fmt: skip
         if fusion.text_injection:
-            self.text_injection = TextInjection(TEXT_TEACHER_DIM, embed, use_gate=fusion.gate)
+            with part_init("text_injection", cfg.seed):
+                self.text_injection = TextInjection(TEXT_TEACHER_DIM, embed, use_gate=fusion.gate)
         if fusion.distill:  # projectors from the student into the teacher's space
-            self.distill_local, self.distill_global = nn.Linear(width, dim), nn.Linear(embed, dim)
+            with part_init("distill", cfg.seed):
+                self.distill_local, self.distill_global = nn.Linear(width, dim), nn.Linear(embed, dim)
         needs_live = not cfg.cache.use or fusion.eval_inject  # evaluation images are not cached
         if needs_live and self.teacher is None:
             self.teacher = cfg.teachers.dinov3.build(cfg.data.mean, cfg.data.std)

@@ -8,6 +8,7 @@ from raytrain.losses.contrastive import clip_loss
 from raytrain.losses.ranking import Transition, ranking_consistency_loss
 from raytrain.methods import register_method
 from raytrain.methods.base import Method
+from raytrain.models.init import part_init
 from raytrain.train.dist import gather
 
 
@@ -23,7 +24,10 @@ class RankCLIP(Method):
         loss = cfg.loss
         if loss.order >= 2:  # one transition per ranked modality
             args = (cfg.model.embed_dim, loss.transition_dim, loss.order, loss.detach_transition_emb, loss.pairwise, loss.tuplewise)
-            self.image_transition, self.text_transition = Transition(*args), Transition(*args)
+            with part_init("image_transition", cfg.seed):
+                self.image_transition = Transition(*args)
+            with part_init("text_transition", cfg.seed):
+                self.text_transition = Transition(*args)
         else:
             self.image_transition = self.text_transition = None
         # on-the-fly teacher only when targets need it and no cache supplies its outputs

@@ -44,6 +44,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from raytrain.models.init import part_init
+
 
 def _check(cond: bool, msg: str) -> None:
     if not cond:
@@ -200,12 +202,17 @@ class MultiScaleFusion(nn.Module):
         self.teacher_dim, self.width, self.embed_dim = teacher_dim, student_width, embed_dim
         self.num_scales, self.grid = num_scales, grid
         self.use_channel, self.use_spatial, self.use_refiner = use_channel, use_spatial, use_refiner
-        self.scale_proj = nn.ModuleList(nn.Linear(teacher_dim, student_width) for _ in range(num_scales))
+        with part_init("scale_proj"):
+            self.scale_proj = nn.ModuleList(nn.Linear(teacher_dim, student_width) for _ in range(num_scales))
         self.merge_logits = nn.Parameter(torch.zeros(num_scales + 1))  # L teacher scales, then the student
-        self.channel = ChannelAttention(student_width, reduction) if use_channel else nn.Identity()
-        self.spatial = SpatialAttention(kernel) if use_spatial else None
-        self.refiner = Refiner(student_width, refiner_depth, heads, num_tokens=grid * grid) if use_refiner else None
-        self.proj = nn.Linear(student_width, embed_dim)  # P
+        with part_init("channel"):
+            self.channel = ChannelAttention(student_width, reduction) if use_channel else nn.Identity()
+        with part_init("spatial"):
+            self.spatial = SpatialAttention(kernel) if use_spatial else None
+        with part_init("refiner"):
+            self.refiner = Refiner(student_width, refiner_depth, heads, num_tokens=grid * grid) if use_refiner else None
+        with part_init("proj"):
+            self.proj = nn.Linear(student_width, embed_dim)  # P
 
     def check_inputs(self, multiscale: Tensor, student_tokens: Tensor | None) -> None:
         g2, d = self.grid * self.grid, self.teacher_dim
@@ -344,11 +351,13 @@ class ImageInjection(nn.Module):
         heads: int | None = None,
     ):
         super().__init__()
-        self.fusion = MultiScaleFusion(
-            teacher_dim, student_width, embed_dim, num_scales, grid,
-            use_channel, use_spatial, use_refiner, reduction, kernel, refiner_depth, heads,
-        )
-        self.gate = ConflictGate(embed_dim, gate_hidden, use_gate, project=False, gate_bias=gate_bias)
+        with part_init("fusion"):
+            self.fusion = MultiScaleFusion(
+                teacher_dim, student_width, embed_dim, num_scales, grid,
+                use_channel, use_spatial, use_refiner, reduction, kernel, refiner_depth, heads,
+            )  # fmt: skip
+        with part_init("gate"):
+            self.gate = ConflictGate(embed_dim, gate_hidden, use_gate, project=False, gate_bias=gate_bias)
 
     def teacher_feature(self, multiscale: Tensor, student_tokens: Tensor | None = None) -> Tensor:
         """f_t = P(fused) [B, E]."""
