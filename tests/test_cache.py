@@ -159,9 +159,11 @@ def test_sweep_with_and_without_cache_trains_the_same(dataset, tmp_path, ray_loc
 
 
 def test_all_three_teachers(dataset, tmp_path, ray_local, monkeypatch):
-    """DINOv3, the shipped text teacher and an untrained YOLOv8 in one build, offline."""
+    """DINOv3, the shipped text teacher (pooled and per token) and an untrained YOLOv8 in
+    one build, offline."""
     monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path / "yolo"))
-    cfg = config(dataset, tmp_path, "cache.teachers=[dinov3,text,yolo]", "teachers.yolo.top_k=4")
+    cfg = config(dataset, tmp_path, "cache.teachers=[dinov3,text,text_tokens,yolo]", "teachers.yolo.top_k=4",
+                 "teachers.text.max_tokens=6")
     manifest = build_cache(cfg)
     shapes = manifest["shapes"]
     assert shapes["text"] == [384] and shapes["yolo_boxes"] == [4, 4] and shapes["yolo_crops"] == [4, 64]
@@ -169,4 +171,8 @@ def test_all_three_teachers(dataset, tmp_path, ray_local, monkeypatch):
     src = prepare(cfg.data)
     got = CacheReader.open(cfg, src).lookup(src.files[0], ["f0-0", "f0-1"])
     assert np.allclose(np.linalg.norm(got["text"], axis=1), 1, atol=1e-2)  # normalized sentence embeddings
-    assert set(manifest["fingerprint"]["weights"]) == {"dinov3", "text", "yolo"}
+    assert shapes["text_tokens"] == [6, 384] and shapes["text_mask"] == [6]
+    caption = pq.read_table(src.files[0], columns=["caption"]).column(0)[0].as_py()
+    feats, mask = cfg.teachers.text.build().encode_tokens([caption], 6)
+    assert np.allclose(got["text_tokens"][0], feats[0], atol=2e-2) and np.array_equal(got["text_mask"][0], mask[0])
+    assert set(manifest["fingerprint"]["weights"]) == {"dinov3", "text", "text_tokens", "yolo"}

@@ -37,6 +37,10 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
 
+# cache outputs computed by another output's teacher (cache.teachers name → teachers.* section)
+TEACHER_OF = {"text_tokens": "text"}
+
+
 class CacheMismatch(ConfigError):
     """A cache built for another config; the message lists the differing fields."""
 
@@ -49,11 +53,12 @@ class TeacherSet:
         data = cfg.data
         needs_dinov3 = "dinov3" in names or "yolo" in names  # YOLO region crops use DINOv3 features
         self.dinov3 = cfg.teachers.dinov3.build(data.mean, data.std).to(device) if needs_dinov3 else None
-        self.text = cfg.teachers.text.build() if "text" in names else None
+        self.text = cfg.teachers.text.build() if {"text", "text_tokens"} & set(names) else None
         self.yolo = cfg.teachers.yolo.build() if "yolo" in names else None
+        self.max_tokens = cfg.teachers.text.max_tokens
 
     def fingerprints(self) -> dict[str, str]:
-        return {n: getattr(self, n).fingerprint() for n in self.names}
+        return {n: getattr(self, TEACHER_OF.get(n, n)).fingerprint() for n in self.names}
 
     @torch.no_grad()
     def __call__(self, images: np.ndarray, pixels: torch.Tensor, captions: list[str]) -> dict[str, np.ndarray]:
@@ -62,8 +67,10 @@ class TeacherSet:
         if self.dinov3 is not None and "dinov3" in self.names:
             o = self.dinov3(pixels.to(self.device))
             out["dinov3_cls"], out["dinov3_multiscale"] = o.cls, o.multiscale
-        if self.text is not None:
+        if "text" in self.names:
             out["text"] = self.text.encode(captions)
+        if "text_tokens" in self.names:
+            out["text_tokens"], out["text_mask"] = self.text.encode_tokens(captions, self.max_tokens)
         if self.yolo is not None:
             from raytrain.teachers.yolo import crop_features, stack
 
@@ -85,7 +92,7 @@ def cache_dir(cfg, src: DataSource) -> str:
 def _declared(cfg) -> dict:
     """The config fields a cache depends on (everything but the weights' hash)."""
     return {
-        "teachers": {n: getattr(cfg.teachers, n).model_dump(mode="json") for n in sorted(cfg.cache.teachers)},
+        "teachers": {n: getattr(cfg.teachers, TEACHER_OF.get(n, n)).model_dump(mode="json") for n in sorted(cfg.cache.teachers)},
         "preprocessing": {k: getattr(cfg.data, k) for k in ("image_size", "mean", "std", "caption_column")},
         "dtype": "float16",
         "schema_version": SCHEMA_VERSION,

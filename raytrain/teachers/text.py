@@ -94,6 +94,20 @@ class TextTeacher(nn.Module):
         )
         return emb.float()
 
+    @torch.no_grad()
+    def encode_tokens(self, texts: list[str], length: int, batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """Last-layer token features [n, length, dim] (the first `length` tokens, [CLS]
+        included, zeros after the end) and the mask [n, length] (1 = a real token)."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        feats = torch.zeros(len(texts), length, self.dim)
+        mask = torch.zeros(len(texts), length)
+        if texts:
+            out = self.model.encode(texts, batch_size=batch_size, output_value="token_embeddings", show_progress_bar=False)
+            for i, t in enumerate(out):
+                n = min(length, len(t))
+                feats[i, :n], mask[i, :n] = t[:n].float().cpu(), 1
+        return feats, mask
+
     def forward(self, texts: list[str]) -> torch.Tensor:
         return self.encode(texts)
 
