@@ -94,6 +94,10 @@ def test_build_engine_ddp_says_which(capsys):
     engine = build_engine(build_method(cfg, 30), cfg, TOTAL_STEPS, torch.device("cpu"))
     assert isinstance(engine, DDPEngine) and engine.kind == "ddp"
     assert "engine=ddp" in capsys.readouterr().out
+    calls = []
+    engine.module.after_step = lambda: calls.append(1)  # e.g. an EMA teacher's update
+    engine.step(engine(_batch(), 1.0)[0])
+    assert calls == [1]
 
 
 def test_deepspeed_engine_fails_loudly(monkeypatch):
@@ -199,12 +203,13 @@ def _accumulate() -> dict:
     """ZeRO-1 fp32, batch 8 = 1 rank × 2 accumulation × micro 4: 4 micro-steps, 2 optimizer steps."""
     engine, cfg = _engine(["train.deepspeed.zero_stage=1", "train.deepspeed.precision=fp32", "train.deepspeed.grad_accumulation=2"])
     batch = {k: v[:4] for k, v in _batch().items()}
-    lrs, steps = [], []
+    lrs, steps, hooks = [], [], []
+    engine.module.after_step = lambda: hooks.append(engine.global_steps)  # e.g. an EMA teacher's update
     for _ in range(4):
         lrs.append(engine.step(engine(batch, 3.0)[0])["lr"])
         steps.append(engine.global_steps)
     return {"lrs": lrs, "steps": steps, "micro": engine.micro_batch_size, "accumulation": engine.accumulation,
-            "expected": [cfg.optim.lr * cfg.optim.lr_at(s, TOTAL_STEPS) for s in steps]}  # fmt: skip
+            "expected": [cfg.optim.lr * cfg.optim.lr_at(s, TOTAL_STEPS) for s in steps], "hooks": hooks}  # fmt: skip
 
 
 def _params(engine) -> dict[str, torch.Tensor]:
@@ -358,6 +363,7 @@ def test_gradient_accumulation(cpu_worker):
     r = cpu_worker(_accumulate)
     assert (r["micro"], r["accumulation"]) == (4, 2)
     assert r["steps"] == [0, 1, 1, 2]  # the optimizer steps on every 2nd micro-batch
+    assert r["hooks"] == [1, 2]  # and the method's after_step runs once after each optimizer step
     assert r["lrs"] == pytest.approx(r["expected"], rel=1e-9)  # and so does the LR schedule
 
 

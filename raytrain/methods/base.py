@@ -24,6 +24,9 @@ class Method(nn.Module):
         self._register_state_dict_hook(_drop_frozen)
         self.register_load_state_dict_post_hook(_ignore_missing_frozen)
 
+    def after_step(self) -> None:
+        """Called by the engine after every optimizer step (EMA teachers update here)."""
+
     def encode_images(self, pixels: Tensor) -> Tensor:
         """Evaluation embeddings of images (the student alone unless a method injects)."""
         return self.student.encode_image(pixels)

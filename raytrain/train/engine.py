@@ -58,6 +58,7 @@ class DDPEngine:
         norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or float("inf"))
         self.optimizer.step()
         self.scheduler.step()
+        self.module.after_step()
         return {"lr": self.scheduler.get_last_lr()[0], "grad_norm": float(norm)}
 
     def state_dict(self) -> dict:
@@ -262,6 +263,7 @@ class DeepSpeedEngine:
             own = float(torch.nn.utils.clip_grad_norm_(params, self._grad_clip or float("inf")))
         engine.step()
         if boundary:
+            self.module.after_step()
             norm = own if own is not None else engine.get_global_grad_norm()
             self._norm = float(norm) if norm is not None else float("nan")
         return {"lr": self.scheduler.get_last_lr()[0], "grad_norm": self._norm}
