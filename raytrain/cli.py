@@ -29,6 +29,14 @@ def main(argv: list[str] | None = None) -> int:
     export.add_argument("checkpoint", help="a trial checkpoint directory (holds model.pt and config.json)")
     export.add_argument("--out", required=True, help="output directory")
 
+    ev = sub.add_parser("eval", help="score a checkpoint or exported student on the eval suite (eval.tasks): "
+                        "a JSON per task in clip_benchmark's layout, and summary.md")  # fmt: skip
+    ev.add_argument("model", help="a trial checkpoint directory (model.pt + config.json) or an exported student (model.safetensors + config.json)")
+    ev.add_argument("--config", help="YAML config file whose eval section lists the tasks (default: the embedded evaluation splits)")
+    ev.add_argument("--out", default="results/eval", help="output directory, local or s3:// (default: results/eval)")
+    ev.add_argument("--parallel", action="store_true", help="run the tasks as Ray tasks (eval.num_cpus / eval.num_gpus each)")
+    ev.add_argument("overrides", nargs="*", help="dotted config overrides (eval.device=cpu, eval.tasks=[{name: c10, kind: zeroshot, format: cifar10, path: data/}])")
+
     data = sub.add_parser("data", help="generate the embedded default dataset")
     data.add_argument("out_dir")
     data.add_argument("--n-train", type=int, default=4096)
@@ -52,6 +60,12 @@ def main(argv: list[str] | None = None) -> int:
             from raytrain.export import export
 
             print(f"raytrain: student exported to {export(args.checkpoint, args.out)}")
+        elif args.command == "eval":
+            from raytrain.config import load_config
+            from raytrain.eval.run import run_eval
+
+            summary = run_eval(args.model, load_config(args.config, args.overrides), args.out, args.parallel)
+            print(f"raytrain: evaluation written to {summary}", flush=True)
         elif args.command == "data":
             from raytrain.data.synthetic import make_dataset
 

@@ -1,59 +1,83 @@
-"""Full evaluation of an embedding model on the embedded default's evaluation splits."""
+"""Scoring an embedding model: retrieval and zero-shot tasks on any dataset of
+raytrain.eval.datasets, and the full suite on the embedded default's evaluation splits."""
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+from raytrain.eval.datasets import Classification, Retrieval, embedded_retrieval, embedded_zeroshot, read_classes, read_split
 from raytrain.eval.probes import binding_accuracy, modality_gap
 from raytrain.eval.retrieval import retrieval_metrics
 from raytrain.eval.zeroshot import TEMPLATES, class_embeddings, zeroshot_accuracy
 
 _CHUNK = 256
+_ROW_CHUNK = 4096  # image rows scored against all classes at once
 
 
-def _encode(fn: Callable[[list], torch.Tensor], items: Sequence) -> torch.Tensor:
-    """L2-normalized float embeddings of `items`, encoded 256 at a time."""
-    return F.normalize(torch.cat([fn(list(items[i:i + _CHUNK])) for i in range(0, len(items), _CHUNK)]).float(), dim=-1)
+def _encode(fn: Callable[[list], torch.Tensor], items: Sequence, batch_size: int = _CHUNK, desc: str | None = None) -> torch.Tensor:
+    """L2-normalized float embeddings of `items`, encoded `batch_size` at a time; with a
+    `desc`, a progress bar counts the items."""
+    bar = tqdm(total=len(items), desc=desc, unit="item", disable=desc is None)
+    out = []
+    for i in range(0, len(items), batch_size):
+        batch = list(items[i:i + batch_size])
+        out.append(fn(batch).float())
+        bar.update(len(batch))
+    bar.close()
+    return F.normalize(torch.cat(out), dim=-1)
 
 
-def _read(eval_dir: Path, name: str) -> dict[str, list] | None:
-    path = eval_dir / f"{name}.parquet"
-    return pq.read_table(path).to_pydict() if path.exists() else None
-
-
-def _group(ids: list, captions: list) -> tuple[list[int], list[str], torch.Tensor]:
-    """Images (first row of each id), all captions, and which image owns each caption.
-
-    Rows sharing an id are one image with several captions; a caption cell may also hold
-    a list of captions. Returns (image row indices, captions, owner index per caption).
-    """
-    group: dict = {}
-    rows, texts, owner = [], [], []
-    for r, (i, cap) in enumerate(zip(ids, captions)):
-        if i not in group:
-            group[i] = len(rows)
-            rows.append(r)
-        for c in cap if isinstance(cap, list) else [cap]:
-            texts.append(c)
-            owner.append(group[i])
-    return rows, texts, torch.tensor(owner)
-
-
-def _retrieval(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor, prefix: str) -> dict[str, float]:
+def _retrieval(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor, prefix: str, ks=(1, 5, 10)) -> dict[str, float]:
     """Both directions; positives only when some image has more than one caption."""
     sim = img @ txt.T
     pos = None
     if not torch.equal(owner, torch.arange(len(img))):
         pos = owner[None, :] == torch.arange(len(img))[:, None]
-    i2t = retrieval_metrics(sim, positives=pos)
-    t2i = retrieval_metrics(sim.T, positives=None if pos is None else pos.T)
+    i2t = retrieval_metrics(sim, ks, positives=pos)
+    t2i = retrieval_metrics(sim.T, ks, positives=None if pos is None else pos.T)
     return {**{f"{prefix}i2t_{k}": v for k, v in i2t.items()}, **{f"{prefix}t2i_{k}": v for k, v in t2i.items()}}
+
+
+@torch.no_grad()
+def retrieval(encode_images, encode_texts, data: Retrieval, batch_size: int = _CHUNK, ks=(1, 5, 10),
+              desc: str | None = None) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+    """(metrics, image embeddings, caption embeddings) of image↔text retrieval.
+
+    Keys i2t_r@K, i2t_map (image queries over all captions) and t2i_r@K, t2i_map (caption
+    queries over all images); an image query is found at K when any of its captions is in
+    the top K (retrieval_metrics' positives), a caption query when its own image is.
+    """
+    img = _encode(encode_images, data.images, batch_size, desc and f"{desc}: images")
+    txt = _encode(encode_texts, data.captions, batch_size, desc and f"{desc}: captions")
+    return _retrieval(img, txt, torch.as_tensor(data.owner), "", ks), img, txt
+
+
+@torch.no_grad()
+def zeroshot(encode_images, encode_texts, data: Classification, templates: Sequence[str], batch_size: int = _CHUNK,
+             desc: str | None = None) -> dict[str, float]:
+    """top1, top5 (zeroshot_accuracy over class_embeddings of `templates`) and
+    mean_per_class_recall = mean over the classes present in the labels of the fraction of
+    their images whose top-1 class is theirs (ties broken by class index, as for top1)."""
+    img = _encode(encode_images, data.images, batch_size, desc and f"{desc}: images")
+    bar = tqdm(total=len(data.classes) * len(templates), desc=desc and f"{desc}: prompts", unit="item", disable=desc is None)
+
+    def prompts(texts: list[str]) -> torch.Tensor:
+        bar.update(len(texts))
+        return encode_texts(texts)
+
+    cls = class_embeddings(prompts, data.classes, templates)
+    bar.close()
+    out = zeroshot_accuracy(img, cls, data.labels, ks=(1, 5))
+    labels = torch.as_tensor(data.labels, dtype=torch.long, device=img.device)
+    pred = torch.cat([(img[a:a + _ROW_CHUNK] @ cls.T).argmax(1) for a in range(0, len(img), _ROW_CHUNK)])  # first max
+    present = labels.unique()
+    out["mean_per_class_recall"] = torch.stack([(pred[labels == c] == c).float().mean() for c in present]).mean().item()
+    return out
 
 
 @torch.no_grad()
@@ -69,29 +93,25 @@ def evaluate(encode_images: Callable[[list[bytes]], torch.Tensor], encode_texts:
     ood_binding (ood.parquet); mean_r@1 = (i2t_r@1 + t2i_r@1) / 2, the headline metric.
     """
     eval_dir = Path(eval_dir)
-    meta_path = eval_dir / "classes.json"
-    meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    meta = read_classes(eval_dir)
     templates = meta.get("templates") or TEMPLATES
     out: dict[str, float] = {}
 
-    if (t := _read(eval_dir, "retrieval")) is not None:
-        rows, texts, owner = _group(t["id"], t["caption"])
-        img, txt = _encode(encode_images, [t["image"][r] for r in rows]), _encode(encode_texts, texts)
-        out.update(_retrieval(img, txt, owner, ""))
-        out.update(modality_gap(img[owner.to(img.device)], txt))  # each caption paired with its image
+    if (data := embedded_retrieval(eval_dir)) is not None:
+        metrics, img, txt = retrieval(encode_images, encode_texts, data)
+        out.update(metrics)
+        out.update(modality_gap(img[torch.as_tensor(data.owner, device=img.device)], txt))  # each caption paired with its image
         out["mean_r@1"] = (out["i2t_r@1"] + out["t2i_r@1"]) / 2
 
-    if (t := _read(eval_dir, "zeroshot")) is not None and meta.get("classes"):
-        img = _encode(encode_images, t["image"])
-        cls = class_embeddings(encode_texts, meta["classes"], templates)
-        acc = zeroshot_accuracy(img, cls, t["label"], ks=(1, 5))
+    if (data := embedded_zeroshot(eval_dir)) is not None:
+        acc = zeroshot(encode_images, encode_texts, data, data.templates)
         out.update({"zs_top1": acc["top1"], "zs_top5": acc["top5"]})
 
-    if (t := _read(eval_dir, "binding")) is not None:
+    if (t := read_split(eval_dir, "binding")) is not None:
         img = _encode(encode_images, t["image"])
         out["binding"] = binding_accuracy(img, _encode(encode_texts, t["caption"]), _encode(encode_texts, t["negative"]))
 
-    if (t := _read(eval_dir, "ood")) is not None:
+    if (t := read_split(eval_dir, "ood")) is not None:
         img, pos = _encode(encode_images, t["image"]), _encode(encode_texts, t["caption"])
         r = _retrieval(img, pos, torch.arange(len(img)), "ood_")
         out.update({"ood_i2t_r@1": r["ood_i2t_r@1"], "ood_t2i_r@1": r["ood_t2i_r@1"]})
