@@ -38,8 +38,15 @@ class S3Config(Section):
 
 class DataConfig(Section):
     # "embedded" generates the synthetic default under `root` on first use; otherwise a
-    # directory (local or s3://) holding train/*.parquet and eval/ like the embedded one.
+    # directory (local or s3://) laid out as `format` says.
     path: str = "embedded"
+    # "raytrain": train/*.parquet (id, image, caption) and eval/, like the embedded default;
+    # "img2dataset": img2dataset's output_format=parquet shards directly under `path`;
+    # "webdataset": tar shards directly under `path` (<key>.jpg + <key>.txt [+ <key>.json]),
+    # e.g. img2dataset's output_format=webdataset. The last two have no eval/ (raytrain.data.formats).
+    format: Literal["raytrain", "img2dataset", "webdataset"] = "raytrain"
+    # img2dataset parquet: the column holding the image bytes, named after its --encode_format
+    image_column: str = "jpg"
     root: str = "~/.cache/raytrain"
     n_train: int = Field(4096, ge=16)
     n_eval: int = Field(256, ge=16)
@@ -59,6 +66,12 @@ class DataConfig(Section):
     # the training workers on small machines.
     num_cpus: float = Field(0.25, gt=0)
     s3: S3Config = S3Config()
+
+    @model_validator(mode="after")
+    def _embedded_is_raytrain(self):
+        if self.path == "embedded" and self.format != "raytrain":
+            raise ValueError(f"format {self.format!r} needs a path to such a dataset; the embedded default is format 'raytrain'")
+        return self
 
 
 class ImageTowerConfig(Section):
@@ -103,6 +116,9 @@ class TeacherConfig(Section):
     """The frozen DINOv3 ViT (random weights of a named size unless a local `path` is given)."""
 
     size: Literal["tiny", "vits16", "vitb16", "vitl16"] = "tiny"
+    # a local save_pretrained directory; "embedded" = `size` pretrained on the embedded
+    # scenes (raytrain.teachers.embedded: what the teacher-using methods need on the
+    # embedded default, where random weights carry no knowledge); None = random weights
     path: str | None = None
     image_size: int = Field(32, ge=16)
     # 1-based blocks whose patch tokens form the multi-scale output; None = four evenly

@@ -1,17 +1,18 @@
-"""Ray Data datasets for training: read parquet (local or S3), validate, decode, tokenize."""
+"""Ray Data datasets for training: read a dataset of any format (local or S3; see
+raytrain.data.formats), validate, decode, tokenize."""
 
 from __future__ import annotations
 
 import json
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from raytrain.config import DataConfig
-from raytrain.data.schema import SchemaError, validate_schema
-from raytrain.data.sources import list_parquet, resolve
+from raytrain.data.formats import check_files, iter_tar, list_files, normalize, read_columns, read_file
+from raytrain.data.sources import resolve
 from raytrain.data.transforms import HFTokenizer, Preprocess, WordTokenizer
 
 
@@ -20,7 +21,7 @@ class DataSource:
     """A training set whose every file was checked: where it is and how to tokenize it."""
 
     path: str  # dataset root as the user gave it (embedded: the generated directory)
-    files: tuple[str, ...]  # train parquet files inside the filesystem
+    files: tuple[str, ...]  # training files (of data.format) inside the filesystem
     num_rows: int
     eval_dir: str | None  # local directory with the evaluation splits, if any
     vocabulary: tuple[str, ...] | None  # word tokenizer vocabulary; None for a HF tokenizer
@@ -30,8 +31,9 @@ class DataSource:
 
 
 def prepare(cfg: DataConfig) -> DataSource:
-    """Resolve (and for the embedded default, generate once) the dataset and validate every
-    train file's schema up front; errors name the file and column."""
+    """Resolve (and for the embedded default, generate once) the dataset and check every
+    training file up front (columns of parquet files, tars walked whole: raytrain.data.formats);
+    errors name the file and column. Only the raytrain format has an eval/ directory."""
     path = cfg.path
     if path == "embedded":
         from raytrain.data.synthetic import ensure_dataset
@@ -39,31 +41,24 @@ def prepare(cfg: DataConfig) -> DataSource:
         root = os.path.expanduser(cfg.root)
         path = str(ensure_dataset(root, cfg.n_train, cfg.n_eval, cfg.seed, cfg.image_size))
     fs, base = resolve(path, cfg.s3)
-    shown = lambda p: p if not path.startswith("s3://") else "s3://" + p  # noqa: E731
-    files = list_parquet(fs, f"{base}/train", shown(f"{base}/train"))
-    rows = 0
-    for f in files:
-        try:
-            meta = pq.read_metadata(f, filesystem=fs)
-        except (OSError, pa.ArrowInvalid) as e:
-            raise SchemaError(f"{shown(f)}: not a readable parquet file ({e})") from None
-        validate_schema(meta.schema.to_arrow_schema(), shown(f), cfg.caption_column, cfg.extra_captions)
-        rows += meta.num_rows
+    files = list_files(fs, base, cfg)
+    rows = check_files(fs, files, cfg)
     vocabulary = None
     if cfg.tokenizer == "word":
-        vocabulary = _vocabulary(fs, base, files, cfg.caption_column)
-    eval_dir = f"{base}/eval" if not path.startswith("s3://") and os.path.isdir(f"{base}/eval") else None
-    return DataSource(path, tuple(files), rows, eval_dir, vocabulary)
+        vocabulary = _vocabulary(fs, base, files, cfg)
+    local_eval = cfg.format == "raytrain" and not path.startswith("s3://") and os.path.isdir(f"{base}/eval")
+    return DataSource(path, tuple(files), rows, f"{base}/eval" if local_eval else None, vocabulary)
 
 
-def _vocabulary(fs, base: str, files, caption_column: str) -> tuple[str, ...]:
-    """The corpus vocabulary: from the dataset manifest when it lists one, else scanned."""
+def _vocabulary(fs, base: str, files, cfg: DataConfig) -> tuple[str, ...]:
+    """The corpus vocabulary: from the dataset manifest when it lists one, else scanned from
+    the captions (a whole pass over tars: real data normally uses a Hugging Face tokenizer)."""
     try:
         with fs.open_input_stream(f"{base}/manifest.json") as f:
             return tuple(json.loads(f.read())["vocabulary"])
     except (FileNotFoundError, KeyError, OSError):
-        captions = (c for f in files for c in pq.read_table(f, columns=[caption_column], filesystem=fs).column(0).to_pylist())
-        return tuple(WordTokenizer.from_corpus(captions).words)
+        captions = (c for f in files for c in read_file(fs, f, cfg, [cfg.caption_column]).column(0).to_pylist())
+        return tuple(WordTokenizer.from_corpus(c for c in captions if c is not None).words)
 
 
 def train_dataset(src: DataSource, cfg: DataConfig, seed: int, cache=None):
@@ -72,13 +67,31 @@ def train_dataset(src: DataSource, cfg: DataConfig, seed: int, cache=None):
     import ray.data
 
     fs, _ = resolve(src.path, cfg.s3)
-    ds = ray.data.read_parquet(
-        list(src.files), filesystem=fs, columns=["id", "image", cfg.caption_column, *cfg.extra_captions], num_cpus=cfg.num_cpus,
-        include_paths=cache is not None,  # the file names the cache shard to join against
-    ).randomize_block_order(seed=seed)  # fmt: skip
+    with_path = cache is not None  # the file names the cache shard to join against
+    if cfg.format == "webdataset":
+        # one read task per tar, through the reader prepare() and the cache use, so checks and
+        # bad-row accounting are the same (Ray's read_webdataset gives each extension its own
+        # column, .jpg/.png/.webp apart, and by default decodes images itself)
+        ds = ray.data.from_items([{"path": f} for f in src.files], override_num_blocks=len(src.files))
+        ds = ds.randomize_block_order(seed=seed).map_batches(
+            partial(_read_tars, fs=fs, cfg=cfg, with_path=with_path), batch_format="pyarrow", batch_size=1, num_cpus=cfg.num_cpus
+        )
+    else:
+        columns = read_columns(cfg, ["id", "image", cfg.caption_column, *cfg.extra_captions])
+        ds = ray.data.read_parquet(list(src.files), filesystem=fs, columns=columns, num_cpus=cfg.num_cpus, include_paths=with_path)
+        ds = ds.randomize_block_order(seed=seed)
+        if cfg.format == "img2dataset":
+            ds = ds.map_batches(partial(normalize, cfg=cfg), batch_format="pyarrow", num_cpus=cfg.num_cpus)
     fn = Preprocess(src.tokenizer(cfg), cfg, cache)
     ds = ds.map_batches(fn, batch_format="numpy", batch_size=256, num_cpus=cfg.num_cpus)
     # a deterministic order, so a run resumed from a checkpoint skips exactly the batches it
     # saw (Ray Train replaces these options with its own: see tune.sweep.ingest_config)
     ds.context.execution_options.preserve_order = True
     return ds
+
+
+def _read_tars(batch: pa.Table, fs, cfg: DataConfig, with_path: bool):
+    """map_batches generator: the tars named in `batch` as normalized tables (+ their path)."""
+    for path in batch.column("path").to_pylist():
+        for table in iter_tar(fs, path, cfg):
+            yield table.append_column("path", pa.array([path] * len(table), pa.string())) if with_path else table

@@ -1,15 +1,12 @@
-"""Columns of image-caption parquet and their validation, done before anything starts."""
+"""Columns of the training data and their validation, done before anything starts."""
 
 from __future__ import annotations
 
 import pyarrow as pa
 
-# Column → accepted arrow types. `caption` is the configured caption column.
-TRAIN_COLUMNS = {
-    "id": (pa.string(), pa.large_string()),
-    "image": (pa.binary(), pa.large_binary()),
-    "caption": (pa.string(), pa.large_string()),
-}
+# Accepted arrow types, the first one named in errors and used where tables are built.
+STRING = (pa.string(), pa.large_string())
+BINARY = (pa.binary(), pa.large_binary())
 # Why a row is skipped; each reason is counted and reported with the run's metrics.
 SKIP_REASONS = ("bad_image", "empty_caption")
 
@@ -18,13 +15,19 @@ class SchemaError(ValueError):
     """A dataset file whose columns cannot be trained on; the message names file and column."""
 
 
-def validate_schema(schema: pa.Schema, where: str, caption_column: str = "caption", extra_captions=()) -> None:
-    """Raise SchemaError naming `where` and the first missing or mistyped column."""
-    columns = [(caption_column if n == "caption" else n, t) for n, t in TRAIN_COLUMNS.items()]
-    columns += [(c, TRAIN_COLUMNS["caption"]) for c in extra_captions]
-    for column, types in columns:
+def train_columns(caption_column: str = "caption", extra_captions=()) -> dict[str, tuple]:
+    """The normalized training columns every format is read into (the raytrain format's own):
+    id, image bytes (null when missing), the caption and the extra captions (null when missing)."""
+    return {"id": STRING, "image": BINARY, caption_column: STRING, **{c: STRING for c in extra_captions}}
+
+
+def validate_schema(schema: pa.Schema, where: str, columns: dict[str, tuple], hints: dict[str, str] | None = None) -> None:
+    """Raise SchemaError naming `where` and the first of `columns` (name → accepted types) that
+    is missing or mistyped; `hints` adds a sentence for a missing column."""
+    for column, types in columns.items():
         if column not in schema.names:
-            raise SchemaError(f"{where}: missing column {column!r} (columns present: {', '.join(schema.names)})")
+            hint = f"; {hints[column]}" if hints and column in hints else ""
+            raise SchemaError(f"{where}: missing column {column!r} (columns present: {', '.join(schema.names)}){hint}")
         got = schema.field(column).type
         if got not in types:
             raise SchemaError(f"{where}: column {column!r} has type {got}, expected {types[0]}")

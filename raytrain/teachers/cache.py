@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 import torch
 
 from raytrain.config import ConfigError
+from raytrain.data.formats import read_file
 from raytrain.data.pipeline import DataSource, prepare
 from raytrain.data.sources import StorageError, exists, read_bytes, resolve, write_atomic
 from raytrain.data.transforms import decode_image, normalize
@@ -149,7 +150,7 @@ class _ShardBuilder:
 
     def build(self, i: int) -> dict:
         t0, data = time.perf_counter(), self.cfg.data
-        table = pq.read_table(self.src.files[i], columns=["id", "image", data.caption_column], filesystem=self.fs)
+        table = read_file(self.fs, self.src.files[i], data, ["id", "image", data.caption_column])  # any data.format
         ids, blobs, captions = (table.column(c).to_pylist() for c in ("id", "image", data.caption_column))
         decoded = [decode_image(b, data.image_size) for b in blobs]
         empty = [c is None or not str(c).strip() for c in captions]

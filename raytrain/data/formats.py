@@ -1,0 +1,243 @@
+"""Training-data formats behind one adapter, used by every consumer (`prepare`'s checks and
+vocabulary, the Ray Data stream, the teacher cache): which files make up a dataset's training
+set, what each must hold, and each file read as the normalized table
+
+    id (string), image (bytes; null when missing), <data.caption_column> (string; null when
+    missing), data.extra_captions (strings)
+
+on which bad rows are flagged and counted the same way for every format (`bad_image`: no image,
+or bytes that do not decode; `empty_caption`). `data.format` names the layout of `data.path`
+(local directory or s3:// prefix):
+
+raytrain     train/*.parquet (any depth) with columns id, image, <caption_column> (+ extra
+             captions), and eval/ with the evaluation splits: the embedded default's layout.
+img2dataset  img2dataset's output_format="parquet": 00000.parquet ... with its columns key,
+             caption (its name for --caption_col's column), url, status, error_message, width,
+             height, original_width, original_height (+ exif, sha256, --save_additional_columns),
+             and the image bytes in the column named after --encode_format (`data.image_column`,
+             "jpg" by default). Every input row is a row: one whose status is not "success" (a
+             failed download or resize) or whose image is null is a bad image.
+webdataset   tar shards 00000.tar ... (e.g. img2dataset's output_format="webdataset"): members
+             <key>.jpg / .jpeg / .png / .webp (the image), <key>.txt (the caption) and, optional,
+             <key>.json, whose fields of those names give the extra captions. A sample's members
+             must be adjacent (WebDataset's rule); the key is the member name up to the first dot
+             of its file name. A sample without an image member is a bad image, one without .txt an
+             empty caption. Only *.tar is read: img2dataset's sidecar <shard>.parquet (metadata,
+             no images) and <shard>_stats.json beside the tars are not training data.
+
+For img2dataset and webdataset the shards sit directly under `data.path` (subdirectories, such
+as a teacher cache written beside the data, are not read) and there is no eval/: runs on them
+are evaluated on separate evaluation datasets.
+
+A tar that is truncated (cut inside a member, or missing tar's end-of-archive blocks, as a
+download or write that died leaves it) or not a tar is an error naming the file, raised by
+`check_files` before anything starts: every tar is walked there, reading only the headers on
+local disk and the whole file once, sequentially, on S3 (counts are remembered per file size
+and modification time, so a second `prepare` in the same process does not read it again).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tarfile
+from concurrent.futures import ThreadPoolExecutor
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+from tqdm import tqdm
+
+from raytrain.config import DataConfig
+from raytrain.data.schema import BINARY, STRING, SchemaError, train_columns, validate_schema
+from raytrain.data.sources import StorageError, endpoint, is_s3, list_parquet, storage_error, uri
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # in this order when a sample has several
+# a tar member's sample key and extension (WebDataset's split: the key ends at the first dot
+# of the file name); names without an extension belong to no sample
+MEMBER = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+TAR_END = 1024  # the two zero blocks that end every complete tar archive
+READ_BUFFER = 8 << 20  # sequential reads in large requests (S3: few GETs per tar)
+CHUNK_ROWS = 256  # rows per table a tar is read in
+CHECK_THREADS = 8  # files checked at once: reading metadata and tars waits on storage, not CPU
+_tar_rows: dict[tuple[str, int, int], int] = {}  # (uri, size, mtime) → samples, of checked tars
+
+
+def train_root(cfg: DataConfig, base: str) -> str:
+    """Where the training files are: train/ for the raytrain format, else the dataset root."""
+    return f"{base}/train" if cfg.format == "raytrain" else base
+
+
+def list_files(fs: pafs.FileSystem, base: str, cfg: DataConfig) -> list[str]:
+    """The dataset's training files, sorted; StorageError naming the directory when none."""
+    root = train_root(cfg, base)
+    if cfg.format == "raytrain":
+        return list_parquet(fs, root, uri(fs, root))
+    suffix = ".tar" if cfg.format == "webdataset" else ".parquet"
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(root, allow_not_found=True))
+    except OSError as e:
+        raise storage_error(fs, "list", uri(fs, root), e) from None
+    files = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(suffix))
+    if not files:
+        where = f" (S3 endpoint {endpoint(fs) or 'AWS'})" if is_s3(fs) else ""
+        raise StorageError(f"no {suffix} files directly under {uri(fs, root)}{where} (data.format={cfg.format})")
+    return files
+
+
+def parquet_columns(cfg: DataConfig) -> dict[str, tuple]:
+    """Source column → accepted arrow types, for the parquet formats."""
+    if cfg.format == "raytrain":
+        return train_columns(cfg.caption_column, cfg.extra_captions)
+    extra = {c: STRING for c in cfg.extra_captions}
+    return {"key": STRING, cfg.image_column: BINARY, cfg.caption_column: STRING, "status": STRING, **extra}
+
+
+def _hints(cfg: DataConfig) -> dict[str, str]:
+    """What a missing column of an img2dataset parquet file most likely means."""
+    if cfg.format != "img2dataset":
+        return {}
+    return {
+        cfg.image_column: "the metadata file of an output_format=webdataset download (then data.format=webdataset)? "
+        "or images encoded with another --encode_format (set data.image_column)",
+        cfg.caption_column: "img2dataset writes captions only when run with --caption_col",
+    }  # fmt: skip
+
+
+def check_files(fs: pafs.FileSystem, files, cfg: DataConfig) -> int:
+    """Check every training file (schema of parquet files; tars walked whole) and return the
+    total row count; SchemaError naming the first bad file, in file order."""
+    pool = ThreadPoolExecutor(CHECK_THREADS)
+    try:
+        counts = pool.map(lambda f: _check(fs, f, cfg), files)
+        return sum(tqdm(counts, total=len(files), desc="raytrain: checking training files", unit="file", delay=2))
+    finally:
+        pool.shutdown(cancel_futures=True)  # after an error, do not go on reading the rest
+
+
+def _check(fs: pafs.FileSystem, path: str, cfg: DataConfig) -> int:
+    shown = uri(fs, path)
+    if cfg.format == "webdataset":
+        info = _info(fs, path)
+        key = (shown, info.size, info.mtime_ns)
+        if key not in _tar_rows:
+            _tar_rows[key] = sum(1 for _ in _tar_samples(fs, path, info.size))
+        return _tar_rows[key]
+    try:
+        meta = pq.read_metadata(path, filesystem=fs)
+    except (OSError, pa.ArrowInvalid) as e:
+        raise SchemaError(f"{shown}: not a readable parquet file ({e})") from None
+    validate_schema(meta.schema.to_arrow_schema(), shown, parquet_columns(cfg), _hints(cfg))
+    return meta.num_rows
+
+
+def read_columns(cfg: DataConfig, columns) -> list[str]:
+    """The source columns a parquet file is read with, for these normalized `columns`."""
+    if cfg.format == "raytrain":
+        return list(columns)
+    names = {"id": "key", "image": cfg.image_column}
+    return [names.get(c, c) for c in columns] + (["status"] if "image" in columns else [])
+
+
+def normalize(table: pa.Table, cfg: DataConfig) -> pa.Table:
+    """A parquet table read with `read_columns` → normalized columns (others, e.g. Ray's
+    `path`, kept); img2dataset: a row whose status is not "success" loses its image."""
+    if cfg.format != "img2dataset":
+        return table
+    if "status" in table.column_names:
+        image = table[cfg.image_column]
+        ok = pc.equal(table["status"], "success")  # null status: null, so no image either
+        table = table.set_column(table.column_names.index(cfg.image_column), cfg.image_column,
+                                 pc.if_else(ok, image, pa.scalar(None, image.type)))  # fmt: skip
+        table = table.drop_columns(["status"])
+    names = {"key": "id", cfg.image_column: "image"}
+    return table.rename_columns([names.get(n, n) for n in table.column_names])
+
+
+def read_file(fs: pafs.FileSystem, path: str, cfg: DataConfig, columns=None) -> pa.Table:
+    """One training file as the normalized table, with `columns` of it (default: all)."""
+    schema = _schema(cfg)
+    columns = list(columns or schema.names)
+    if cfg.format != "webdataset":
+        return normalize(pq.read_table(path, columns=read_columns(cfg, columns), filesystem=fs), cfg)
+    tables = list(iter_tar(fs, path, cfg, images="image" in columns))
+    return (pa.concat_tables(tables) if tables else schema.empty_table()).select(columns)
+
+
+def iter_tar(fs: pafs.FileSystem, path: str, cfg: DataConfig, images: bool = True, rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
+    """A tar's samples as normalized tables of up to `rows` rows (image bytes read only with
+    `images`); SchemaError naming the file when it is truncated or not a tar."""
+    schema = _schema(cfg)
+    read = {"txt", *(IMAGE_EXTENSIONS if images else ()), *(("json",) if cfg.extra_captions else ())}
+    batch: dict[str, list] = {n: [] for n in schema.names}
+    for key, members in _tar_samples(fs, path, _info(fs, path).size, read):
+        meta = _json(members.get("json")) if cfg.extra_captions else {}
+        batch["id"].append(key)
+        batch["image"].append(next((members[e] for e in IMAGE_EXTENSIONS if members.get(e) is not None), None))
+        batch[cfg.caption_column].append(None if members.get("txt") is None else members["txt"].decode("utf-8", "replace"))
+        for c in cfg.extra_captions:
+            batch[c].append(None if meta.get(c) is None else str(meta[c]))
+        if len(batch["id"]) == rows:
+            yield pa.table(batch, schema=schema)
+            batch = {n: [] for n in schema.names}
+    if batch["id"]:
+        yield pa.table(batch, schema=schema)
+
+
+def _info(fs: pafs.FileSystem, path: str) -> pafs.FileInfo:
+    try:
+        return fs.get_file_info(path)
+    except OSError as e:
+        raise storage_error(fs, "check", uri(fs, path), e) from None
+
+
+def _schema(cfg: DataConfig) -> pa.Schema:
+    return pa.schema([(n, types[0]) for n, types in train_columns(cfg.caption_column, cfg.extra_captions).items()])
+
+
+def _json(data: bytes | None) -> dict:
+    """A sample's .json member; an unreadable one gives no fields (its extra captions are empty)."""
+    try:
+        meta = json.loads(data) if data else {}
+    except ValueError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _tar_samples(fs: pafs.FileSystem, path: str, size: int, read=frozenset()) -> Iterator[tuple[str, dict]]:
+    """(key, {extension: bytes or None}) per sample of a tar, extensions lower-cased, the bytes
+    of the extensions in `read` only. SchemaError naming the file for a truncated archive, one
+    that is not a tar, or a sample whose members are not adjacent."""
+    shown = uri(fs, path)
+    seek = not read and not is_s3(fs)  # headers only: seek over the data on local disk
+    key, members, seen = None, {}, set()
+    try:
+        f = fs.open_input_file(path) if seek else fs.open_input_stream(path, compression=None, buffer_size=READ_BUFFER)
+        with f, tarfile.open(fileobj=f, mode="r:" if seek else "r|") as tar:
+            for info in tar:
+                match = MEMBER.match(info.name) if info.isreg() else None
+                if match is None:
+                    continue
+                name, extension = match.group(1), match.group(2).lower()
+                if name != key:
+                    if key is not None:
+                        yield key, members
+                        seen.add(key)
+                    if name in seen:
+                        raise SchemaError(f"{shown}: the members of sample {name!r} are not adjacent (WebDataset needs each "
+                                          "sample's files together: re-create the tar sorted by name)")  # fmt: skip
+                    key, members = name, {}
+                members[extension] = tar.extractfile(info).read() if extension in read else None
+            end = tar.offset  # where the last member ends
+    except tarfile.TarError as e:
+        raise SchemaError(f"{shown}: truncated or not a tar file ({e})") from None
+    except OSError as e:
+        raise storage_error(fs, "read", shown, e) from None
+    if size < end + TAR_END:
+        after = f" after sample {key!r}" if key is not None else ""
+        raise SchemaError(f"{shown}: truncated tar: it ends at byte {size}{after} without tar's end-of-archive blocks "
+                          "(an interrupted download or write? fetch or write the shard again, or remove it)")  # fmt: skip
+    if key is not None:
+        yield key, members
