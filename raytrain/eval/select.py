@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import torch
 
 from raytrain.config import DataConfig, TeacherConfig, TextTeacherConfig
+from raytrain.data.formats import read_file
 from raytrain.data.pipeline import prepare
 from raytrain.data.sources import resolve
 from raytrain.data.transforms import decode_image, normalize
@@ -23,7 +23,7 @@ def paired_sample(data: DataConfig, n: int) -> tuple[np.ndarray, list[str]]:
     fs, _ = resolve(src.path, data.s3)
     images, captions = [], []
     for path in src.files:
-        table = pq.read_table(path, columns=["image", data.caption_column], filesystem=fs)
+        table = read_file(fs, path, data, ["image", data.caption_column])  # any data.format
         for blob, caption in zip(table.column("image").to_pylist(), table.column(data.caption_column).to_pylist()):
             image = decode_image(blob, data.image_size)
             if image is not None and caption and caption.strip():
