@@ -24,6 +24,7 @@ def test_profiles_apply_to_every_space(path, profile):
     _, embedded, embedded_trials = load_space(path)
     assert trials == embedded_trials and base.train.epochs == 2
     assert base.train.use_gpu and base.data.image_size == 224 and base.method == embedded.method
+    assert base.teachers.dinov3.path is None  # never the embedded stand-in teacher (a ViT-B pretrained on the driver)
     gpus = base.train.num_workers * base.run.max_concurrent_trials
     assert gpus == 8, "a profile for one 8-GPU node uses its eight GPUs"
     assert base.train.batch_size % base.train.num_workers == 0

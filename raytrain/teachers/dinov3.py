@@ -8,7 +8,9 @@ the CLS token, the last-layer patch tokens and a multi-scale stack of patch maps
     out = teacher(pixels)  # out.cls [B, D], out.patches [B, P, D], out.multiscale [B, L, g*g, D]
 
 Weights are random (seeded, so every worker builds the same teacher) unless `cfg.path`
-names a local directory written by `save_pretrained`; nothing is downloaded.
+names a local directory written by `save_pretrained`, or is "embedded": the teacher that
+raytrain.teachers.embedded pretrains on the embedded scenes once per machine (the stand-in
+for a real pretrained DINOv3 on the embedded default); nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ SIZES: dict[str, dict[str, int]] = {
     "vitl16": dict(hidden_size=1024, num_attention_heads=16, num_hidden_layers=24, patch_size=16),
 }
 SEED = 0
+EMBEDDED = "embedded"  # teachers.dinov3.path: the teacher pretrained on the embedded scenes
 
 
 @dataclass
@@ -90,7 +93,7 @@ def load_model(path: str) -> tuple[DINOv3ViTModel, tuple, tuple]:
 def describe(cfg) -> tuple[int, int, int]:
     """(hidden size, number of multi-scale layers, grid) of the configured teacher, without
     building it (a student sized to the teacher's outputs need not load its weights)."""
-    if cfg.path:
+    if cfg.path and cfg.path != EMBEDDED:  # the embedded teacher has its size's shapes
         config = json.loads((Path(cfg.path) / "config.json").read_text())
         dim, depth = config["hidden_size"], config["num_hidden_layers"]
     else:
@@ -108,7 +111,11 @@ class DINOv3Teacher(nn.Module):
         data_std: Sequence[float] = (0.5, 0.5, 0.5),
     ):
         super().__init__()
-        if cfg.path:
+        if cfg.path == EMBEDDED:
+            from raytrain.teachers.embedded import ensure_teacher
+
+            self.model, mean, std = load_model(str(ensure_teacher(cfg.size, cfg.image_size)))
+        elif cfg.path:
             self.model, mean, std = load_model(cfg.path)
         else:
             self.model, mean, std = random_model(cfg.size, cfg.image_size), IMAGENET_MEAN, IMAGENET_STD
