@@ -290,6 +290,58 @@ class RunConfig(Section):
     wandb: bool = False  # W&B through Ray's callback; offline unless WANDB_API_KEY is set
 
 
+class EvalTaskConfig(Section):
+    """One task of `raytrain eval` (raytrain.eval.run): a dataset read as `format`, scored as
+    `kind`; its results are <out>/<name>.json."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # also a file name
+    kind: Literal["retrieval", "zeroshot"]
+    format: Literal["embedded", "karpathy", "imagefolder", "cifar10", "cifar100"] = "embedded"
+    # local. embedded: a directory of evaluation splits (None = the model's own); karpathy: the
+    # image root; imagefolder: root/<class folder>/*; cifar10/100: the extracted python directory
+    path: str | None = None
+    annotations: str | None = None  # karpathy caption JSON; None = dataset_coco.json / dataset_flickr30k.json in path
+    classnames: str | None = None  # imagefolder: .json {folder: name} / [names], or .txt; None = folder names
+    # zeroshot prompts: the format's standard ensemble (ImageNet's 80 for imagefolder, CIFAR's
+    # 18, the embedded classes.json's own) or "single": "This is a photo of a {}"
+    templates: Literal["ensemble", "single"] = "ensemble"
+    batch_size: int = Field(256, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        only = {"karpathy": "retrieval", "imagefolder": "zeroshot", "cifar10": "zeroshot", "cifar100": "zeroshot"}
+        if self.format != "embedded" and self.path is None:
+            raise ValueError(f"task {self.name!r}: format {self.format} needs a path")
+        if only.get(self.format, self.kind) != self.kind:
+            raise ValueError(f"task {self.name!r}: format {self.format} is a {only[self.format]} dataset, not {self.kind}")
+        for key, fmt in (("annotations", "karpathy"), ("classnames", "imagefolder")):
+            if getattr(self, key) is not None and self.format != fmt:
+                raise ValueError(f"task {self.name!r}: {key} is read only for format {fmt}")
+        return self
+
+
+class EvalConfig(Section):
+    """The suite `raytrain eval` scores a checkpoint or export on; the default is the embedded
+    default's retrieval and zero-shot splits, so it runs anywhere without downloads."""
+
+    tasks: tuple[EvalTaskConfig, ...] = (
+        EvalTaskConfig(name="embedded_retrieval", kind="retrieval"),
+        EvalTaskConfig(name="embedded_zeroshot", kind="zeroshot"),
+    )
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when visible
+    num_cpus: float = Field(1.0, gt=0)  # per Ray task with --parallel
+    num_gpus: float = Field(0.0, ge=0)  # per Ray task with --parallel; 1 on GPU nodes
+
+    @model_validator(mode="after")
+    def _unique(self):
+        names = [t.name for t in self.tasks]
+        if not names:
+            raise ValueError("tasks is empty")
+        if dupes := sorted({n for n in names if names.count(n) > 1}):
+            raise ValueError(f"task names must be unique (they name the result files): {', '.join(dupes)} repeated")
+        return self
+
+
 class Config(Section):
     method: str = "rankclip"
     seed: int = Field(0, ge=0)
@@ -303,6 +355,7 @@ class Config(Section):
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     run: RunConfig = RunConfig()
+    eval: EvalConfig = EvalConfig()
 
     @model_validator(mode="after")
     def _consistent(self):
@@ -402,56 +455,3 @@ def read_tree(path: str | Path, what: str) -> dict:
     if not isinstance(tree, dict):
         raise ConfigError(f"{what} {path} must hold a mapping of config keys at the top level (e.g. train: {{epochs: 8}})")
     return tree
-class EvalTaskConfig(Section):
-    """One task of `raytrain eval` (raytrain.eval.run): a dataset read as `format`, scored as
-    `kind`; its results are <out>/<name>.json."""
-
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # also a file name
-    kind: Literal["retrieval", "zeroshot"]
-    format: Literal["embedded", "karpathy", "imagefolder", "cifar10", "cifar100"] = "embedded"
-    # local. embedded: a directory of evaluation splits (None = the model's own); karpathy: the
-    # image root; imagefolder: root/<class folder>/*; cifar10/100: the extracted python directory
-    path: str | None = None
-    annotations: str | None = None  # karpathy caption JSON; None = dataset_coco.json / dataset_flickr30k.json in path
-    classnames: str | None = None  # imagefolder: .json {folder: name} / [names], or .txt; None = folder names
-    # zeroshot prompts: the format's standard ensemble (ImageNet's 80 for imagefolder, CIFAR's
-    # 18, the embedded classes.json's own) or "single": "This is a photo of a {}"
-    templates: Literal["ensemble", "single"] = "ensemble"
-    batch_size: int = Field(256, ge=1)
-
-    @model_validator(mode="after")
-    def _consistent(self):
-        only = {"karpathy": "retrieval", "imagefolder": "zeroshot", "cifar10": "zeroshot", "cifar100": "zeroshot"}
-        if self.format != "embedded" and self.path is None:
-            raise ValueError(f"task {self.name!r}: format {self.format} needs a path")
-        if only.get(self.format, self.kind) != self.kind:
-            raise ValueError(f"task {self.name!r}: format {self.format} is a {only[self.format]} dataset, not {self.kind}")
-        for key, fmt in (("annotations", "karpathy"), ("classnames", "imagefolder")):
-            if getattr(self, key) is not None and self.format != fmt:
-                raise ValueError(f"task {self.name!r}: {key} is read only for format {fmt}")
-        return self
-
-
-class EvalConfig(Section):
-    """The suite `raytrain eval` scores a checkpoint or export on; the default is the embedded
-    default's retrieval and zero-shot splits, so it runs anywhere without downloads."""
-
-    tasks: tuple[EvalTaskConfig, ...] = (
-        EvalTaskConfig(name="embedded_retrieval", kind="retrieval"),
-        EvalTaskConfig(name="embedded_zeroshot", kind="zeroshot"),
-    )
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when visible
-    num_cpus: float = Field(1.0, gt=0)  # per Ray task with --parallel
-    num_gpus: float = Field(0.0, ge=0)  # per Ray task with --parallel; 1 on GPU nodes
-
-    @model_validator(mode="after")
-    def _unique(self):
-        names = [t.name for t in self.tasks]
-        if not names:
-            raise ValueError("tasks is empty")
-        if dupes := sorted({n for n in names if names.count(n) > 1}):
-            raise ValueError(f"task names must be unique (they name the result files): {', '.join(dupes)} repeated")
-        return self
-
-
-    eval: EvalConfig = EvalConfig()
