@@ -221,6 +221,124 @@ class BaselinesConfig(Section):
     alip_caption: str = "caption_short"  # ALIP's synthetic caption column
 
 
+class TIPSv2Config(Section):
+    """TIPSv2 (papers/003_*.txt, METHODS.md §6). The paper's summary names the parts (patch-level
+    distillation, iBOT++, a modified EMA, caption sampling across granularities) but gives no
+    values: the defaults are iBOT's, and each choice it leaves open is a switch here."""
+
+    # contrastive captions: per sample and step one of these columns, drawn with
+    # `caption_weights` (None = uniform; seeded). Columns other than data.caption_column must
+    # be in data.extra_captions. The embedded data holds its short and full granularities as
+    # columns; its medium one is only inside the `captions` list, which is not tokenized.
+    captions: tuple[str, ...] = Field(("caption", "caption_short"), min_length=1)
+    caption_weights: tuple[float, ...] | None = None
+    patch_weight: float = Field(1.0, ge=0)  # λ_p: student patch tokens → DINOv3 patch tokens (0 = off)
+    ibot_weight: float = Field(1.0, ge=0)  # λ_m: the masked-image objective (0 = off)
+    ibot_plus_plus: bool = True  # iBOT++: visible tokens contribute too; false = plain iBOT
+    # masks (iBOT's defaults): a share mask_probability of the images is masked, each with a
+    # ratio drawn uniformly from mask_ratio; random patches (iBOT: blocks, which a 4×4 grid
+    # hardly has room for)
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    mask_probability: float = Field(0.5, ge=0, le=1)
+    prototypes: int = Field(256, ge=2)  # K (iBOT: 8192; the embedded scenes have few concepts)
+    head_hidden: int = Field(256, ge=4)  # prototype head MLP width
+    head_bottleneck: int = Field(64, ge=4)  # its L2-normalized output, compared with the prototypes
+    student_temp: float = Field(0.1, gt=0)
+    teacher_temp: tuple[float, float] = (0.04, 0.07)  # warmed up linearly (iBOT)...
+    teacher_temp_warmup: float = Field(0.3, ge=0, le=1)  # ...over this share of the EMA horizon
+    center_momentum: float = Field(0.9, ge=0, lt=1)
+    # "head" (METHODS.md): the teacher backbone is the student's own, only the prototype head
+    # is an EMA; "full": iBOT's EMA copy of the whole image tower as well
+    ema_scope: Literal["head", "full"] = "head"
+    ema_momentum: tuple[float, float] = (0.996, 1.0)  # base → final, cosine over ema_steps
+    # the schedules' horizon in optimizer steps; None = the run's own length, which the config
+    # knows only for the embedded data: min(train.max_steps, epochs × (n_train // batch_size))
+    ema_steps: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        w = self.caption_weights
+        if w is not None and (len(w) != len(self.captions) or min(w) < 0 or sum(w) <= 0):
+            raise ValueError(f"caption_weights {w} must be one non-negative weight per column of captions {self.captions}, not all 0")
+        if not 0 <= self.mask_ratio[0] <= self.mask_ratio[1] <= 1:
+            raise ValueError(f"mask_ratio {self.mask_ratio} must be (low, high) with 0 <= low <= high <= 1")
+        if not 0 <= self.ema_momentum[0] <= self.ema_momentum[1] <= 1:
+            raise ValueError(f"ema_momentum {self.ema_momentum} must be (base, final) with 0 <= base <= final <= 1")
+        if min(self.teacher_temp) <= 0:
+            raise ValueError(f"teacher_temp {self.teacher_temp} must be positive")
+        return self
+
+
+class FreezeAlignConfig(Section):
+    """freeze-align (papers/002_*.txt §4.3, METHODS.md §6): only projectors train, over a frozen
+    DINOv3 (teachers.dinov3) and a frozen text encoder (teachers.text), read from the teacher
+    cache (dinov3, text_tokens). Token projector P(x) = W x + W₂ GELU(W₁ x) after LayerNorm +
+    dropout. The paper's joint width is its encoders' (1024: DINOv2-L, all-roberta-large-v1);
+    the default is the tiny embedded teacher's 64. The temperature is model.init_temperature
+    (0.07, the paper's) under model.max_logit_scale."""
+
+    embed_dim: int = Field(64, ge=4)  # joint embedding width
+    hidden: int | None = Field(None, ge=4)  # non-linear branch and text MLP width; None = embed_dim (the paper's code)
+    residual: bool = True  # the non-linear branch; off = linear token projectors (ablation)
+    dropout: float = Field(0.1, ge=0, lt=1)  # before each token projector (the paper's code: 0.1)
+    # the paper's Table 1 rows: shared projector on the patch tokens (mean-pooled) + separate
+    # CLS projector, summed (its best); either alone is an ablation
+    local_tokens: bool = True
+    cls_token: bool = True
+    text_head: bool = True  # the 2-layer MLP after the pooled text tokens; off = token projector alone
+
+    @model_validator(mode="after")
+    def _some_image_projector(self):
+        if not (self.local_tokens or self.cls_token):
+            raise ValueError("local_tokens and cls_token are both off: the image embedding needs at least one")
+        return self
+
+
+class MetaTeacherConfig(Section):
+    """DCLIP's meta-teacher (papers/001 §3.1, raytrain.models.meta_teacher): the frozen text
+    teacher's tokens and scored image regions through cross-attention, pooled by temperature-
+    scaled attention. The paper gives no equation for these parts: where it leaves a choice
+    open the default is ours and the switch is here. Phase 2 refuses a phase-1 checkpoint
+    whose `dclip.meta` differs from its own."""
+
+    # "yolo": the cached YOLO regions (DINOv3 CLS of each crop), scored; "grid": the No YOLO
+    # ablation, DINOv3's last-scale patch grid (dinov3_multiscale[:, -1]) as regions, unscored
+    regions: Literal["yolo", "grid"] = "yolo"
+    # "bidirectional" (the paper): a text→regions and a regions→text attention layer;
+    # "text_to_regions": the first alone; "average": no attention, each region averaged with
+    # the mean text token and each token with the mean region (the paper's No Bidir row);
+    # "none": the regions alone, no text at all (No CMA)
+    cross_attention: Literal["bidirectional", "text_to_regions", "average", "none"] = "bidirectional"
+    heads: int = Field(8, ge=1)  # the paper: 8 (ViT-B), 12 (ViT-L); must divide the text teacher's width
+    # learned aggregation queries, their pools averaged: the paper's "Mean (1 cluster)" for
+    # ViT-B, 3 clusters for ViT-L
+    clusters: int = Field(1, ge=1)
+    temperature: float = Field(0.1, gt=0)  # τ of the aggregation's softmax over cosine similarities
+    # score = w · (YOLO confidence, box area, text similarity), as raytrain.teachers.yolo.region_scores
+    region_weights: tuple[float, float, float] = (1 / 3, 1 / 3, 1 / 3)
+
+
+class DCLIPConfig(Section):
+    """DCLIP (papers/001_*.txt, METHODS.md §6): two phases, each a Ray Train run, one trial
+    (run_trial runs the phase a method declares before it). Phase 1 (method dclip_meta) trains
+    the meta-teacher with symmetric InfoNCE against the frozen text embedding; phase 2 (method
+    dclip) trains the student image encoder with InfoNCE + cosine distillation to the frozen
+    meta-teacher (+ an anchor to its phase-start self); the text side is the frozen text
+    teacher throughout. Both phases read the teacher cache."""
+
+    meta: MetaTeacherConfig = MetaTeacherConfig()
+    teacher_epochs: int = Field(5, ge=1)  # phase 1 (the paper, ViT-B: 5 teacher, 2 student epochs)
+    teacher_lr: float | None = Field(None, gt=0)  # phase 1's optim.lr; None = optim.lr (the paper's values are lost)
+    # a trained phase-1 checkpoint directory (local or s3://); None: run_trial trains one first
+    teacher_checkpoint: str | None = None
+    # the student's phase-start weights: a checkpoint's student.* (e.g. a CLIP run); None = seeded init
+    init_checkpoint: str | None = None
+    distill: bool = True  # off = the No Teacher row: plain fine-tuning, no phase 1
+    distill_weight: float = Field(1.0, ge=0)  # λ_d (the paper gives no weights)
+    # λ_a of the anchor loss to the phase-start image encoder (the paper: ViT-L only); 0 = off
+    anchor_weight: float = Field(0.0, ge=0)
+
+
 class OptimConfig(Section):
     name: Literal["adamw", "sgd"] = "adamw"
     lr: float = Field(2e-3, gt=0)
@@ -352,6 +470,9 @@ class Config(Section):
     loss: LossConfig = LossConfig()
     fusion: FusionConfig = FusionConfig()
     baselines: BaselinesConfig = BaselinesConfig()
+    tipsv2: TIPSv2Config = TIPSv2Config()
+    freeze_align: FreezeAlignConfig = FreezeAlignConfig()
+    dclip: DCLIPConfig = DCLIPConfig()
     optim: OptimConfig = OptimConfig()
     train: TrainConfig = TrainConfig()
     run: RunConfig = RunConfig()
@@ -372,6 +493,28 @@ class Config(Section):
             raise ValueError(f"alip reads its synthetic caption {self.baselines.alip_caption!r}: add it to data.extra_captions")
         if self.method == "dinorankclip" and self.cache.use and "dinov3" not in self.cache.teachers:
             raise ValueError("dinorankclip with cache.use=true needs 'dinov3' in cache.teachers")
+        if self.method == "freeze_align" and not (self.cache.use and {"dinov3", "text_tokens"} <= set(self.cache.teachers)):
+            raise ValueError("freeze_align trains on cached encoder features: set cache.use=true and put dinov3 and "
+                             "text_tokens in cache.teachers")  # fmt: skip
+        if self.method == "tipsv2":
+            t = self.tipsv2
+            if missing := [c for c in t.captions if c != self.data.caption_column and c not in self.data.extra_captions]:
+                raise ValueError(f"tipsv2.captions reads {missing}: add them to data.extra_captions")
+            if t.patch_weight and self.cache.use and "dinov3" not in self.cache.teachers:
+                raise ValueError("tipsv2 with cache.use=true needs 'dinov3' in cache.teachers (or tipsv2.patch_weight=0)")
+            if t.ibot_weight and t.ema_steps is None and self.data.path != "embedded":
+                raise ValueError("tipsv2.ema_steps: set the EMA/temperature horizon (≈ train.epochs × rows / train.batch_size) "
+                                 "for data other than the embedded default")  # fmt: skip
+        if self.method in ("dclip", "dclip_meta"):
+            need = {"text"}
+            if self.method == "dclip_meta" or self.dclip.distill:  # the meta-teacher's inputs
+                need |= {"dinov3", "text_tokens"} | ({"yolo"} if self.dclip.meta.regions == "yolo" else set())
+            if not self.cache.use or need - set(self.cache.teachers):
+                raise ValueError(f"{self.method} reads its teachers from the cache: set cache.use=true and put "
+                                 f"{', '.join(sorted(need))} in cache.teachers")  # fmt: skip
+        if self.method == "dclip_meta" and self.train.eval:
+            raise ValueError("dclip_meta (DCLIP's phase 1) has no evaluation: its meta-teacher needs each image's caption "
+                             "and cached regions; set train.eval=false")  # fmt: skip
         return self
 
     def override(self, overrides: dict[str, Any] | list[str]) -> Config:

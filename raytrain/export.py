@@ -21,16 +21,20 @@ WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the checkpoint's student (weights, model config, preprocessing, tokenizer)."""
+    from raytrain.config import ConfigError, make_config
     from raytrain.data.pipeline import DataSource
+    from raytrain.methods import method_class
     from raytrain.train.checkpoint import load
 
     state, meta = load(checkpoint)
     cfg, src = meta["config"], DataSource(**meta["source"])
     # the training loop's layout: the engine's consolidated fp32 state (DDP or DeepSpeed)
     weights = state["engine"]["model"]
+    if not method_class(cfg["method"]).exports_student(make_config(cfg)):  # e.g. freeze_align, dclip
+        raise ConfigError(f"checkpoint {checkpoint}: method {cfg['method']} does not evaluate with its student alone "
+                          "(frozen encoders or teachers take part), so an exported student would not be the trained "
+                          "model; score the checkpoint in place with `raytrain eval`")  # fmt: skip
     student = {k[len("student.") :]: v.float().contiguous() for k, v in weights.items() if k.startswith("student.")}
-    if not student:
-        raise ValueError(f"checkpoint {checkpoint} holds no student weights")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     data = DataConfig(**cfg["data"])

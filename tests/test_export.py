@@ -54,3 +54,22 @@ print(json.dumps({{"img": m.embed_images([open({str(tmp_path / 'img.png')!r}, "r
     np.testing.assert_allclose(got["img"], want_img.numpy(), atol=1e-6)
     np.testing.assert_allclose(got["txt"], want_txt.numpy(), atol=1e-6)
     assert (tmp_path / "student" / "model.safetensors").stat().st_size > 0
+
+
+def test_export_refuses_methods_not_evaluated_by_their_student_alone(tmp_path, capsys):
+    from dataclasses import asdict
+
+    from raytrain.methods import list_methods, method_class
+
+    base = make_config({}, TINY + [f"data.root={tmp_path / 'data'}"])
+    alone = {name for name in list_methods() if method_class(name).exports_student(base)}
+    assert alone == set(list_methods()) - {"dclip", "dclip_meta", "freeze_align"}
+    assert not method_class("dinorankclip").exports_student(base.override(["fusion.eval_inject=true"]))
+
+    cfg = base.override(["method=dinorankclip", "fusion.eval_inject=true", "fusion.text_injection=false"])
+    src = prepare(cfg.data)
+    method = build_method(cfg, src.tokenizer(cfg.data).vocab_size)
+    ckpt = checkpoint.save(tmp_path / "ckpt", {"engine": {"model": method.state_dict()}}, cfg, {"source": asdict(src)})
+    assert main(["export", str(ckpt), "--out", str(tmp_path / "student")]) == 2
+    assert "does not evaluate with its student alone" in capsys.readouterr().err
+    assert not (tmp_path / "student").exists()

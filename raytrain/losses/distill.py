@@ -3,12 +3,13 @@ distillation to frozen teacher features, TIPSv2's patch-level distillation, iBOT
 masked-image objectives with their centring, temperature and EMA schedules.
 
 Teacher inputs are always detached inside; the functions are pure except `ema_update`
-(in-place on the target module by design).
+(in place on the target, by design).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +78,9 @@ def ibot_loss(
     all masked tokens of the batch at once. iBOT++ (`plus_plus=True`, TIPSv2): every token,
     masked or visible, contributes: mean of ℓ over all B·P tokens (`mask` unused, both
     reductions agree). logits `[B, P, K]`; `center` broadcastable to them (`[K]` or `[1, 1, K]`).
+    TIPSv2's summary says only that unmasked tokens "also contribute directly"; weighing every
+    token alike is our reading. For one image with M masked of P tokens the two differ exactly
+    by the visible tokens' term: P·L_iBOT++ = M·L_iBOT + Σ_{p visible} ℓ_p.
     """
     if student_logits.shape != teacher_logits.shape or student_logits.ndim != 3:
         raise ValueError(f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} must both be [B, P, K]")
@@ -112,13 +116,15 @@ def teacher_temp_schedule(step: int, warmup_steps: int, start: float = 0.04, end
 
 
 @torch.no_grad()
-def ema_update(target: nn.Module, source: nn.Module, momentum: float) -> None:
-    """θ_target ← μ·θ_target + (1 − μ)·θ_source for every parameter, in place, no grad.
+def ema_update(target: nn.Module | Mapping[str, Tensor], source: nn.Module | Mapping[str, Tensor], momentum: float) -> None:
+    """θ_target ← μ·θ_target + (1 − μ)·θ_source for every tensor, in place, no grad.
 
-    μ = 0 copies the source, μ = 1 keeps the target. Parameters are matched by name;
-    buffers are left alone. (TIPSv2 applies the EMA to the head only: pass the heads.)
+    μ = 0 copies the source, μ = 1 keeps the target. Modules stand for their parameters
+    (their buffers are left alone); mappings name → tensor are used as given (an EMA kept in
+    buffers). Tensors are matched by name and the source cast to the target's dtype.
+    (TIPSv2 applies the EMA to the head only: pass the heads.)
     """
-    tgt, src = dict(target.named_parameters()), dict(source.named_parameters())
+    tgt, src = (dict(x.named_parameters()) if isinstance(x, nn.Module) else dict(x) for x in (target, source))
     if tgt.keys() != src.keys():
         raise ValueError(f"target and source parameters differ: {sorted(tgt.keys() ^ src.keys())}")
     names = list(tgt)

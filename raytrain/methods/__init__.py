@@ -22,9 +22,14 @@ def list_methods() -> list[str]:
     return sorted(_METHODS)
 
 
+def method_class(name: str) -> type:
+    """The class registered as `name` (for what a method declares, e.g. DCLIP's preceding_stage)."""
+    return _METHODS[name]
+
+
 def build_method(cfg, vocab_size: int, pad_id: int = 0):
     """The configured method (an nn.Module whose forward returns (loss, logs))."""
     return _METHODS[cfg.method](cfg, vocab_size, pad_id)
 
 
-from raytrain.methods import alip, clip, cyclip, dinorankclip, rankclip  # noqa: E402,F401  (registers them)
+from raytrain.methods import alip, clip, cyclip, dclip, dinorankclip, freeze_align, rankclip, tipsv2  # noqa: E402,F401  (registers them)

@@ -1,4 +1,4 @@
-"""What every method shares: the student, and the embeddings of a batch gathered globally."""
+"""What every method shares: the student (if it has one), and a batch's globally gathered embeddings."""
 
 from __future__ import annotations
 
@@ -15,14 +15,24 @@ class Method(nn.Module):
     name = "base"
     # frozen teachers are rebuilt from config, never saved: a ViT-L would add 1.2 GB per checkpoint
     frozen = ("teacher.", "text_teacher.")
+    # False: the method trains heads over frozen encoders only (freeze-align) and overrides
+    # embed/encode_*; no `student` is built
+    has_student = True
 
     def __init__(self, cfg, vocab_size: int, pad_id: int = 0):
         super().__init__()
         self.cfg = cfg
-        with part_init("student", cfg.seed):  # see raytrain.models.init: ablations keep its init
-            self.student = cfg.model.build(vocab_size, cfg.data.image_size, cfg.data.context_length, pad_id)
+        if self.has_student:
+            with part_init("student", cfg.seed):  # see raytrain.models.init: ablations keep its init
+                self.student = cfg.model.build(vocab_size, cfg.data.image_size, cfg.data.context_length, pad_id)
         self._register_state_dict_hook(_drop_frozen)
         self.register_load_state_dict_post_hook(_ignore_missing_frozen)
+
+    @classmethod
+    def exports_student(cls, cfg) -> bool:
+        """Whether evaluation embeds with the student alone, so that `raytrain export` (which
+        writes only the student) carries the trained model."""
+        return cls.has_student and cls.encode_images is Method.encode_images and cls.encode_texts is Method.encode_texts
 
     def after_step(self) -> None:
         """Called by the engine after every optimizer step (EMA teachers update here)."""

@@ -50,6 +50,10 @@ class DINORankCLIP(RankCLIP):
         self.grid = grid
         self.text_teacher = None  # built on first use by evaluation with injection (not saved)
 
+    @classmethod
+    def exports_student(cls, cfg) -> bool:
+        return not cfg.fusion.eval_inject  # else evaluation injects the teacher too
+
     def teacher_outputs(self, batch):
         if "dinov3_multiscale" in batch:
             return batch["dinov3_cls"], batch["dinov3_multiscale"]

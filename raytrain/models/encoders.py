@@ -31,12 +31,36 @@ class ImageTower(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, embed_dim, bias=False)
 
-    def forward(self, pixels: Tensor) -> tuple[Tensor, Tensor]:
-        """pixels [B, 3, H, W] → (global embedding [B, E], local patch tokens [B, P, width])."""
+    def forward(self, pixels: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """pixels [B, 3, H, W] → (global embedding [B, E], local patch tokens [B, P, width]).
+
+        Masked-image modelling: `mask` [B, P] (true = masked) replaces those patch embeddings
+        by `mask_token` [width] before positions are added (iBOT / BEiT). The token is the
+        caller's learnable parameter, so methods that never mask keep the tower's parameters
+        (checkpoints, DDP's used-parameter set) as they were; without a mask nothing changes.
+        """
         x = self.patchify(pixels).flatten(2).transpose(1, 2)
+        if mask is not None:
+            if mask_token is None or mask.shape != x.shape[:2] or mask_token.shape != x.shape[2:]:
+                raise ValueError(
+                    f"mask must be [B, P] = {tuple(x.shape[:2])} and mask_token [width] = {tuple(x.shape[2:])}, got "
+                    f"{tuple(mask.shape)} and {None if mask_token is None else tuple(mask_token.shape)}"
+                )
+            x = torch.where(mask.unsqueeze(-1), mask_token.to(x.dtype), x)
         x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1) + self.pos
         x = self.norm(self.blocks(x))
         return self.head(x[:, 0]), x[:, 1:]
+
+
+def pool_tokens(tokens: Tensor, grid: int) -> Tensor:
+    """Patch tokens of a square grid [B, side², d] average-pooled to [B, grid², d] (row-major),
+    e.g. to match a teacher's patch grid."""
+    b, n, d = tokens.shape
+    side = math.isqrt(n)
+    if side * side != n:
+        raise ValueError(f"{n} tokens do not form a square grid")
+    x = F.adaptive_avg_pool2d(tokens.transpose(1, 2).reshape(b, d, side, side), grid)
+    return x.flatten(2).transpose(1, 2)
 
 
 class TextTower(nn.Module):

@@ -63,7 +63,9 @@ def train_loop_per_worker(payload: dict) -> None:
     shard = ray.train.get_dataset_shard("train")
 
     window, logs, first_batch_s = [], {}, None
-    for epoch in range(progress["step"] // steps_per_epoch, cfg.train.epochs):
+    # a run restarted from its final checkpoint trains no step: its final report has no loss
+    loss, stats, epoch = torch.tensor(float("nan")), {}, progress["step"] // steps_per_epoch
+    for epoch in range(epoch, cfg.train.epochs):
         batches = shard.iter_batches(
             batch_size=local_batch, batch_format="numpy", drop_last=True,
             local_shuffle_buffer_size=4 * local_batch, local_shuffle_seed=cfg.seed * 7919 + epoch * 31 + rank,

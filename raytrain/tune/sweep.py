@@ -103,17 +103,45 @@ def trial_overrides(params: dict[str, Any], variants: dict[str, dict[str, Any]],
 
 
 def run_trial(params: dict[str, Any], base: dict, variants: dict, source, cache=None) -> None:
-    """Tune function trainable: one Ray Train run of the base config with this trial's params."""
+    """Tune function trainable: one Ray Train run of the base config with this trial's params,
+    after the run its method declares to come first, if any (`fit_run`)."""
     from ray import tune
+
+    cfg = trial_overrides(params, variants, make_config(base))
+    ctx = tune.get_context()
+    # beside the Tune experiment, so one storage path (local, NFS or S3) holds the sweep
+    storage = os.path.join(os.path.expanduser(cfg.run.storage_path), ctx.get_experiment_name(), "train_runs")
+    fit_run(cfg, ctx.get_trial_name(), storage, source, cache, to_tune=True)
+
+
+def fit_run(cfg: Config, name: str, storage: str, source, cache=None, to_tune: bool = False):
+    """One Ray Train run of `cfg`, named `name` under `storage`; returns its Result. `to_tune`:
+    its reports go to Tune (the trial's own run).
+
+    A method class may declare a run to do first: `preceding_stage(cfg) -> (stage config, key)
+    | None` (DCLIP: phase 1, the meta-teacher). That stage runs before, as `<name>-<stage
+    method>` (and may declare one of its own), its final loss is printed to the trial's log, and
+    its final checkpoint's path is set at `key` in `cfg`. A trial is then one job of several Ray
+    Train runs on the same data and teacher cache. (The stage's metrics are not reported to
+    Tune: a trial's progress.csv takes its columns from its first result.)"""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raytrain.data.pipeline import train_dataset
+    from raytrain.data.sources import uri
+    from raytrain.methods import method_class
     from raytrain.train.loop import train_loop_per_worker, worker_config
 
-    cfg = trial_overrides(params, variants, make_config(base))
-    ctx = tune.get_context()
+    declare = getattr(method_class(cfg.method), "preceding_stage", None)
+    if declare is not None and (stage := declare(cfg)) is not None:
+        stage_cfg, key = stage
+        done = fit_run(stage_cfg, f"{name}-{stage_cfg.method}", storage, source, cache)
+        if done.checkpoint is None:
+            raise RuntimeError(f"run {name}-{stage_cfg.method} ended without a checkpoint for {key}")
+        path = uri(done.checkpoint.filesystem, done.checkpoint.path)
+        print(f"raytrain: {name}-{stage_cfg.method} done, loss {done.metrics.get('loss', float('nan')):.4f}; {key}={path}", flush=True)
+        cfg = cfg.override({key: path})
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=worker_config(cfg, source),
@@ -125,10 +153,9 @@ def run_trial(params: dict[str, Any], base: dict, variants: dict, source, cache=
         datasets={"train": train_dataset(source, cfg.data, cfg.seed, cache if cfg.cache.use else None)},
         dataset_config=ingest_config(),
         run_config=RunConfig(
-            name=ctx.get_trial_name(),
-            # beside the Tune experiment, so one storage path (local, NFS or S3) holds the sweep
-            storage_path=os.path.join(os.path.expanduser(cfg.run.storage_path), ctx.get_experiment_name(), "train_runs"),
-            callbacks=[TuneReportCallback()],
+            name=name,
+            storage_path=storage,
+            callbacks=[TuneReportCallback()] if to_tune else [],
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
@@ -137,7 +164,7 @@ def run_trial(params: dict[str, Any], base: dict, variants: dict, source, cache=
             ),
         ),
     )
-    trainer.fit()
+    return trainer.fit()
 
 
 def run_sweep(space_path: str | Path, overrides: list[str] = (), resume: str | None = None, profiles: list[str | Path] = ()) -> Path:

@@ -1,0 +1,39 @@
+"""Concept-balanced curation (freeze-align §4.2, raytrain.data.curation): at most --cap rows per
+concept, the rarest concepts first, from a dataset in raytrain's layout into a new one to train
+on with data.path=OUT; counts per concept before/after in OUT/curation.json.
+
+    python jobs/curate.py --out /data/curated [--concepts FILE] [--cap 2000] [--seed 0] [data.path=...]
+    ray job submit --working-dir . -- python jobs/curate.py --out s3://bucket/curated --concepts concepts.txt data.path=s3://bucket/pool
+
+--concepts: a text file (one concept per line, # comments) or a YAML list; without it, the
+embedded default's own concepts (colours, shapes, sizes, textures, backgrounds, classes).
+"""
+
+import argparse
+import sys
+
+from raytrain.config import ConfigError, make_config
+from raytrain.data.curation import CurationError, curate, default_concepts, load_concepts
+from raytrain.data.schema import SchemaError
+from raytrain.data.sources import StorageError
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", required=True, help="the curated dataset's directory (local or s3://), new")
+    p.add_argument("--concepts", help="concept list: .txt (one per line) or .yaml (a list)")
+    p.add_argument("--cap", type=int, default=2000, help="rows per concept (the paper: 2,000)")
+    p.add_argument("--seed", type=int, default=0, help="which rows a capped concept takes")
+    p.add_argument("overrides", nargs="*", help="data.* overrides choosing the source (data.path=...)")
+    args = p.parse_args(argv)
+    try:
+        data = make_config({}, args.overrides).data
+        curate(data, args.out, load_concepts(args.concepts) if args.concepts else default_concepts(data), args.cap, args.seed)
+    except (ConfigError, CurationError, SchemaError, StorageError, FileNotFoundError) as e:
+        print(f"raytrain: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
