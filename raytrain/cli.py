@@ -21,6 +21,10 @@ def main(argv: list[str] | None = None) -> int:
                        help="config fragment for the machine (tune_spaces/profiles/*.yaml: scale, GPUs, CPUs per worker); repeatable")  # fmt: skip
     sweep.add_argument("overrides", nargs="*", help="dotted config overrides (train.lr=1e-3) or grid axes (grid.seed=[0])")
 
+    rep = sub.add_parser("report", help="rebuild a sweep's report (report.md, report.html) from its experiment directory; runs nothing")
+    rep.add_argument("experiment", help="the sweep's Ray Tune experiment directory (<run.storage_path>/<space name>-<time>)")
+    rep.add_argument("--out", help="write the report here (default: into the experiment directory)")
+
     cache = sub.add_parser("cache", help="build (or resume) the teacher cache for a config")
     cache.add_argument("--config", help="YAML config file (default: the built-in defaults)")
     cache.add_argument("overrides", nargs="*", help="dotted config overrides (cache.teachers=[dinov3,text])")
@@ -51,6 +55,10 @@ def main(argv: list[str] | None = None) -> int:
 
             report = run_sweep(args.space, args.overrides, args.resume, args.profile)
             print(f"raytrain: report written to {report}", flush=True)
+        elif args.command == "report":
+            from raytrain.tune.sweep import report_experiment
+
+            print(f"raytrain: report written to {report_experiment(args.experiment, args.out)}", flush=True)
         elif args.command == "cache":
             from raytrain.config import load_config
             from raytrain.teachers.cache import build_cache

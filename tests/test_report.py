@@ -1,12 +1,21 @@
-"""Tests for raytrain.report.write_report."""
+"""Tests for raytrain.report.write_report and `raytrain report` (Markdown + self-contained HTML)."""
 
+import base64
+import io
 import math
+import re
+import subprocess
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
 
+import raytrain.report as report
+from raytrain.cli import main
 from raytrain.report import write_report
+from raytrain.tune.sweep import load_space, save_space
 
 NAN = math.nan
 LABELS = {0: "0 (CLIP)", 1: "1 (RankCLIP)"}
@@ -86,15 +95,11 @@ def test_order_sweep(orders, tmp_path):
     pd.testing.assert_frame_equal(back, orders, check_dtype=False)
     # No temp files left behind by the atomic writes.
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == [
-        "metrics_vs_order.png", "report.md", "trials.csv"]
+        "metrics_vs_order.png", "report.html", "report.md", "trials.csv"]
 
 
 def test_methods_with_baseline(tmp_path):
-    vals = {"clip": [0.50, 0.52], "rankclip": [0.55, 0.57], "distill": [0.48, 0.50]}
-    trials = pd.DataFrame([
-        {"trial_id": f"{m}{s}", "status": "TERMINATED", "error": None, "method": m, "seed": s,
-         "acc": v, "loss": 2.0 - v}
-        for m, vs in vals.items() for s, v in enumerate(vs)])
+    trials, _ = _methods()
     md = write_report(trials, tmp_path, group="method", metrics=["acc", "loss"], primary="acc",
                       title="Methods", baseline="clip").read_text()
 
@@ -127,3 +132,269 @@ def test_unknown_baseline(orders, tmp_path):
     with pytest.raises(ValueError, match="baseline"):
         write_report(orders, tmp_path, group="order", metrics=["zs_top1"], primary="zs_top1",
                      title="x", baseline=7)
+
+
+# ---- HTML, deltas plot, training curves ------------------------------------------------------
+
+CHROMIUM = "/usr/bin/chromium"
+# Flags that work offline (see infra/test.sh, which installs it): without the networking ones Chromium waits on
+# connections this machine refuses.
+CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+
+
+def _progress(loss0, steps=4, lr=True):
+    """A trial's progress.csv as Tune writes it: one row per report, Tune's own columns too."""
+    rows = [{"loss": loss0 / s, "step": 16 * s, "epoch": s // 3, **({"lr": 1e-3 * s} if lr else {}),
+             "training_iteration": s, "done": False, "trial_id": "x"} for s in range(1, steps + 1)]
+    return pd.DataFrame(rows).to_csv(index=False)
+
+
+@pytest.fixture
+def progress_files(tmp_path):
+    """Fixture progress.csv per trial of `orders`: the failed t02 stopped after one report,
+    the all-failed order 3 never reported; t10 repeats steps 32-48 (restored from a checkpoint)."""
+    files = {f"t{o}{s}": _progress(3.0 + o + s / 10) for o in range(3) for s in range(3)}
+    files["t02"] = _progress(3.2, steps=1)
+    files["t10"] += _progress(4.0).split("\n", 2)[2]  # rows for steps 32.. once more, without the header
+    root = tmp_path / "progress"
+    for tid, text in files.items():
+        (root / tid).mkdir(parents=True)
+        (root / tid / "progress.csv").write_text(text)
+    return root
+
+
+def _curves(root):
+    return {d.name: pd.read_csv(d / "progress.csv") for d in sorted(root.iterdir())}
+
+
+def _images(html):
+    """The decoded PNGs inlined in a page, in order; fails on any image that is not a data URI."""
+    srcs = re.findall(r'<img [^>]*src="([^"]*)"', html)
+    assert all(s.startswith("data:image/png;base64,") for s in srcs), "every image is inlined"
+    return [Image.open(io.BytesIO(base64.b64decode(s.split(",", 1)[1]))) for s in srcs]
+
+
+def _methods():
+    """Three methods x two seeds, baseline clip, with fixture progress for every trial."""
+    vals = {"clip": [0.50, 0.52], "rankclip": [0.55, 0.57], "distill": [0.48, 0.50]}
+    trials = pd.DataFrame([
+        {"trial_id": f"{m}{s}", "status": "TERMINATED", "error": None, "method": m, "seed": s,
+         "acc": v, "loss": 2.0 - v}
+        for m, vs in vals.items() for s, v in enumerate(vs)])
+    curves = {t: pd.read_csv(io.StringIO(_progress(2.0 + i / 10))) for i, t in enumerate(trials["trial_id"])}
+    return trials, curves
+
+
+def test_html_report_inlines_every_plot(orders, progress_files, tmp_path):
+    out = tmp_path / "rep"
+    md = write_report(orders, out, group="order", metrics=["zs_top1", "retr_r1"], primary="zs_top1",
+                      title="Order <sweep>", group_label=LABELS, notes=["logs: `tensorboard --logdir x`"],
+                      curves=_curves(progress_files), curve_metrics=["loss", "lr", "missing"]).read_text()
+    page = (out / "report.html").read_text()
+    # Same content as the Markdown: summary rows, failed trials, notes; text is escaped.
+    assert "<title>Order &lt;sweep&gt;</title>" in page and "<h1>Order &lt;sweep&gt;</h1>" in page
+    assert "<tr><td>1 (RankCLIP)</td><td>0.600 ± 0.082</td><td>0.400 ± 0.000</td><td>3</td></tr>" in page
+    assert "<td>CUDA out of memory</td>" in page and "Best order by <code>zs_top1</code>: <strong>2</strong>" in page
+    assert "<li>logs: <code>tensorboard --logdir x</code></li>" in page
+    # Self-contained: no link, stylesheet, script or image from anywhere else.
+    assert not re.search(r'(src|href)="(?!data:)', page)
+    imgs = _images(page)
+    assert [im.format for im in imgs] == ["PNG", "PNG"] and all(im.width > 300 for im in imgs)
+    # The inlined images are the PNG files report.md shows, byte for byte; no deltas plot without a baseline.
+    names = re.findall(r"!\[[^]]*\]\(([^)]+)\)", md)
+    assert names == ["metrics_vs_order.png", "training_curves.png"]
+    inlined = [base64.b64decode(s.split(",", 1)[1]) for s in re.findall(r'src="([^"]*)"', page)]
+    assert inlined == [(out / n).read_bytes() for n in names]
+    assert sorted(p.name for p in out.iterdir()) == sorted([*names, "report.html", "report.md", "trials.csv"])
+
+
+def test_reports_are_written_atomically(orders, tmp_path, monkeypatch):
+    args = dict(group="order", metrics=["zs_top1"], primary="zs_top1", title="first")
+    write_report(orders, tmp_path, **args)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert all(p.stat().st_mode & 0o777 == 0o644 for p in tmp_path.iterdir()), "readable by others"
+
+    def broken(*_):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(report, "_html", broken)
+    with pytest.raises(RuntimeError):
+        write_report(orders, tmp_path, **{**args, "title": "second"})
+    # The page that failed is still the old one whole, the Markdown too; no temp file is left.
+    assert (tmp_path / "report.html").read_bytes() == before["report.html"]
+    assert (tmp_path / "report.md").read_bytes() == before["report.md"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(before)
+
+
+def test_deltas_plot_iff_baseline(tmp_path):
+    trials, curves = _methods()
+    args = dict(group="method", metrics=["acc", "loss"], primary="acc", title="Methods", curves=curves)
+    md = write_report(trials, tmp_path / "b", baseline="clip", **args).read_text()
+    assert "![difference vs clip](delta_vs_clip.png)" in md
+    assert len(_images((tmp_path / "b" / "report.html").read_text())) == 3
+    md = write_report(trials, tmp_path / "nob", **args).read_text()
+    assert "delta_vs" not in md and not list((tmp_path / "nob").glob("delta_vs*"))
+    assert len(_images((tmp_path / "nob" / "report.html").read_text())) == 2
+
+    # The bars are the mean differences of the delta table, one subplot per metric.
+    mean = trials.groupby("method")[["acc", "loss"]].mean()
+    std = trials.groupby("method")[["acc", "loss"]].std(ddof=0)
+    fig = report._delta_plot(mean, std, ["acc", "loss"], {g: g for g in mean.index}, "clip", "t")
+    assert [ax.get_title() for ax in fig.axes] == ["Δ acc", "Δ loss"]
+    acc = {t.get_text(): bar.get_width() for t, bar in zip(fig.axes[0].get_yticklabels(), fig.axes[0].patches)}
+    assert acc == pytest.approx({"distill": -0.02, "rankclip": 0.05})
+
+
+def test_training_curves_from_progress_files(orders, progress_files):
+    fig = report._curve_plot(orders, _curves(progress_files), "order", {o: str(o) for o in range(4)},
+                             ["loss", "lr", "grad_norm"], "t")
+    assert [ax.get_title() for ax in fig.axes] == ["loss", "lr"]  # grad_norm was never reported
+    loss = fig.axes[0].lines
+    assert len(loss) == 9  # the 9 trials with progress; order 3 never reported
+    # One colour per order; a trial that did not finish is dashed and ends in an x.
+    colours = [line.get_color() for line in loss]
+    assert len(set(colours)) == 3 and colours[0] == colours[1] == colours[2]
+    failed = loss[2]
+    assert failed.get_linestyle() == "--" and failed.get_marker() == "x" and list(failed.get_xdata()) == [16]
+    assert all(line.get_linestyle() == "-" for i, line in enumerate(loss) if i != 2)
+    # t10 reported steps 16..64 and then 32..64 again: one point per step, in order.
+    t10 = loss[3]
+    assert list(t10.get_xdata()) == [16, 32, 48, 64] and t10.get_ydata()[-1] == pytest.approx(4.0 / 4)
+    assert report._curve_plot(orders, {}, "order", {}, ["loss"], "t") is None
+
+
+def _chromium(args, tmp_path):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(f"{CHROMIUM} is missing: run infra/test.sh (as root it installs Debian's chromium)")
+    done = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium'}", *args],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def _coloured(png):
+    """Pixels of a screenshot in a saturated colour: plot lines and bars (text and tables are grey)."""
+    with Image.open(png) as im:
+        rgb = np.asarray(im.convert("RGB")).astype(int)
+    return int(((rgb.max(axis=2) - rgb.min(axis=2)) > 80).sum())
+
+
+def test_html_renders_in_headless_chromium(tmp_path):
+    trials, curves = _methods()
+    write_report(trials, tmp_path / "rep", group="method", metrics=["acc", "loss"], primary="acc",
+                 title="Methods", baseline="clip", curves=curves)
+    page = tmp_path / "rep" / "report.html"
+    # Copy with the first image's data broken: the check must tell the difference.
+    broken = tmp_path / "broken.html"
+    broken.write_text(re.sub(r"base64,[A-Za-z0-9+/]{40}", "base64,AAAA", page.read_text(), count=1))
+
+    # The page's own script marks <html> once every image loaded and decoded (naturalWidth > 0).
+    assert 'data-plots="3 ok"' in _chromium(["--dump-dom", page.as_uri()], tmp_path)
+    assert 'data-plots="broken"' in _chromium(["--dump-dom", broken.as_uri()], tmp_path)
+
+    shots = {}
+    for name, html in (("page", page), ("broken", broken)):
+        shots[name] = tmp_path / f"{name}.png"
+        _chromium(["--hide-scrollbars", "--window-size=1280,4000", f"--screenshot={shots[name]}", html.as_uri()], tmp_path)
+    ok, bad = _coloured(shots["page"]), _coloured(shots["broken"])
+    print(f"coloured pixels: {ok} (page), {bad} (one image broken)")
+    assert ok > 20_000, f"only {ok} coloured pixels: plots not drawn"
+    assert bad < ok - 5_000, "the broken image's plot is missing from its screenshot"
+
+
+# ---- `raytrain report <experiment dir>` on a real Tune experiment ----------------------------
+
+
+def test_saved_space_is_the_sweep_that_ran(tmp_path):
+    """run_sweep's <experiment>/space.yaml: grid and config overrides applied, a space file
+    that reruns the same trials, without S3 credentials."""
+    root = Path(__file__).resolve().parents[1]
+    over = ["grid.seed=[7]", "train.epochs=1", "data.s3.access_key=AKIAEXAMPLE", "data.s3.secret_key=s3cr3t"]
+    space, base, trials = load_space(root / "tune_spaces/ablations.yaml", over)
+    save_space(str(tmp_path), space, base)
+    text = (tmp_path / "space.yaml").read_text()
+    assert "AKIAEXAMPLE" not in text and "s3cr3t" not in text
+    again, again_base, again_trials = load_space(tmp_path / "space.yaml")
+    assert again_trials == trials and again.baseline == "full" and again.metrics == space.metrics
+    assert again_base == base.override({"data.s3.access_key": None, "data.s3.secret_key": None})
+
+SPACE = """name: mini
+variants: {full: {}, no_gate: {fusion.gate: false}}
+grid: {seed: [0, 1]}
+group: variant
+baseline: full
+metrics: [mean_r@1, zs_top1]
+primary: mean_r@1
+"""
+SCORE = {"full": 0.5, "no_gate": 0.4}
+
+
+def test_cli_report_from_a_tune_experiment(tmp_path, ray_local, capsys):
+    from ray import tune
+
+    # Defined here so Ray pickles it by value: Ray's workers cannot import this test module.
+    def fake_trial(config):
+        """Reports like the train loop (loss, step, lr per step, then the evaluation); one trial
+        fails after its first report unless its marker file exists (so a resume can finish it)."""
+        variant, seed = config["variant"], config["seed"]
+        for step in (8, 16, 24):
+            tune.report({"loss": 2.0 / step + seed, "step": step, "epoch": 0, "lr": 1e-3, "step_time": 0.1})
+            if (variant, seed) == ("no_gate", 1) and not Path(config["marker"]).exists():
+                raise FloatingPointError(f"loss became nan at step {step} (epoch 0); lower optim.lr?")
+        tune.report({"loss": 0.05, "step": 24, "epoch": 1, "mean_r@1": SCORE[variant] + seed / 100,
+                     "zs_top1": 1 - SCORE[variant], "skipped_rows": 0})
+
+    (tmp_path / "mini.yaml").write_text(SPACE)
+    space, base, _ = load_space(tmp_path / "mini.yaml")
+    exp = tmp_path / "runs" / "mini-1"
+    save_space(str(exp), space, base)  # as run_sweep does before fitting
+    marker = tmp_path / "fixed"
+    trainable = tune.with_resources(fake_trial, {"CPU": 0.5})
+    param_space = {"marker": str(marker), **{k: tune.grid_search(v) for k, v in space.grid.items()}}
+    tune.Tuner(trainable, param_space=param_space, tune_config=tune.TuneConfig(reuse_actors=True),  # no process per trial
+               run_config=tune.RunConfig(name=exp.name, storage_path=str(exp.parent), verbose=0)).fit()
+
+    assert main(["report", str(exp)]) == 0
+    assert f"report written to {exp / 'report.md'}" in capsys.readouterr().out
+    md = (exp / "report.md").read_text()
+    assert md.startswith("# mini: variant, seed")
+    assert _row(md, "full") == ["full", "0.505 ± 0.005", "0.500 ± 0.000", "2"]
+    assert _row(md, "no_gate") == ["no_gate", "0.400 ± 0.000", "0.600 ± 0.000", "1"]
+    deltas = md.split("## Difference vs full")[1].split("##")[0]
+    assert _row(deltas, "no_gate") == ["no_gate", "-0.105", "+0.100"]
+    failed = md.split("## Failed trials")[1].split("##")[0]
+    [bad] = [line for line in failed.splitlines() if "no_gate" in line]
+    assert "| ERROR | FloatingPointError: loss became nan at step 8 (epoch 0); lower optim.lr? |" in bad
+    assert re.findall(r"!\[[^]]*\]\(([^)]+)\)", md) == ["metrics_vs_variant.png", "delta_vs_full.png", "training_curves.png"]
+    assert len(_images((exp / "report.html").read_text())) == 3
+    trials = pd.read_csv(exp / "trials.csv")
+    assert sorted(trials["status"]) == ["ERROR"] + ["TERMINATED"] * 3
+
+    # --out writes elsewhere; the report reads the same.
+    assert main(["report", str(exp), "--out", str(tmp_path / "copy")]) == 0
+    assert (tmp_path / "copy" / "report.md").read_text() == md
+
+    # After a resume that reruns the failed trial, the rebuilt report has it finished.
+    marker.touch()
+    tune.Tuner.restore(str(exp), trainable, restart_errored=True).fit()
+    assert main(["report", str(exp)]) == 0
+    md = (exp / "report.md").read_text()
+    assert _row(md, "no_gate") == ["no_gate", "0.405 ± 0.005", "0.600 ± 0.000", "2"]
+    assert "## Failed trials\n\nNone." in md
+
+    # A Tune experiment that `raytrain sweep` did not start: no space file to read.
+    (exp / "space.yaml").unlink()
+    assert main(["report", str(exp)]) == 2
+    assert f"{exp / 'space.yaml'} does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kind", ["empty", "missing", "file"])
+def test_cli_report_refuses_what_is_not_an_experiment(tmp_path, capsys, kind):
+    path = {"empty": tmp_path, "missing": tmp_path / "nope", "file": tmp_path / "x.txt"}[kind]
+    if kind == "file":
+        path.write_text("x")
+    assert main(["report", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"raytrain: error: {path} is not a Ray Tune experiment directory") and "Traceback" not in err
+    assert not (tmp_path / "report.md").exists()

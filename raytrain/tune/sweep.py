@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import posixpath
 import re
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from raytrain.config import Config, ConfigError, make_config, parse_overrides, read_tree
-from raytrain.data.sources import resolve
+from raytrain.data.sources import read_bytes, resolve, write_atomic
 
 
 class Space(BaseModel):
@@ -197,6 +198,7 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), resume: str | N
                 os.environ.setdefault("WANDB_MODE", "offline")
             callbacks.append(WandbLoggerCallback(project=os.environ.get("WANDB_PROJECT", "raytrain"), mode=mode))
         name = f"{space.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+        save_space(os.path.join(storage, name), space, base)
         tuner = tune.Tuner(
             trainable,
             param_space={key: tune.grid_search(values) for key, values in space.grid.items()},
@@ -232,15 +234,70 @@ def shared_cache(base: Config, source, configs: list[Config]):
     return CacheReader(root, source.files, manifest["shapes"], *resolve(root, base.data.s3))
 
 
+SPACE_FILE = "space.yaml"  # in the experiment directory, written before the first trial
+# The train loop's per-step values worth a curve (loop._metrics, the engines' and methods' logs).
+CURVES = ("loss", "clip", "distill", "logit_scale", "grad_norm", "lr")
+
+
+def save_space(exp: str, space: Space, base: Config) -> None:
+    """The resolved space as `<exp>/space.yaml`: grid overrides applied and `config` the full
+    validated base config (S3 credentials left out). What `raytrain report` rebuilds the
+    report from, and itself a space file: `raytrain sweep --space <exp>/space.yaml` reruns it."""
+    config = base.model_dump(mode="json", exclude={"data": {"s3": {"access_key", "secret_key"}}})
+    resolved = space.model_copy(update={"config": config, "extends": None})
+    fs, path = resolve(exp)
+    write_atomic(fs, posixpath.join(path, SPACE_FILE), yaml.safe_dump(resolved.model_dump(), sort_keys=False).encode())
+
+
+def read_space(exp: str) -> tuple[Space, int]:
+    """(space, base seed) that `save_space` wrote into the experiment directory."""
+    fs, path = resolve(exp)
+    shown = posixpath.join(exp, SPACE_FILE)
+    try:
+        space = Space.model_validate(yaml.safe_load(read_bytes(fs, posixpath.join(path, SPACE_FILE))))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{shown} does not exist: {exp} is a Tune experiment, but not one started by `raytrain sweep`") from None
+    except Exception as e:  # pydantic's message names the field
+        raise ConfigError(f"{shown}: {e}") from None
+    return space, space.config.get("seed", Config.model_fields["seed"].default)
+
+
+def load_results(exp: str):
+    """The experiment's ResultGrid, as `Tuner.fit` returns it, read by Tune's ExperimentAnalysis
+    from the directory alone (no trainable, no Ray cluster): each trial's config, last result,
+    error and progress rows."""
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    try:
+        return ResultGrid(ExperimentAnalysis(exp))
+    except (ValueError, OSError) as e:  # ValueError: Tune found no experiment_state-*.json
+        raise FileNotFoundError(f"{exp} is not a Ray Tune experiment directory: {str(e).splitlines()[0]}") from None
+
+
+def report_experiment(exp: str, out_dir: str | None = None) -> Path:
+    """Rebuild a sweep's report from its experiment directory alone (a finished, interrupted or
+    resumed sweep); nothing is re-run. Written into the experiment directory unless `out_dir`."""
+    if "://" not in exp:
+        exp = os.path.abspath(os.path.expanduser(exp))  # Tune reads no relative paths
+    elif out_dir is None:
+        raise ConfigError(f"{exp} is not on local disk, where reports are written: give --out DIR")
+    grid = load_results(exp)
+    space, seed = read_space(exp)
+    return write_sweep_report(grid, space, seed, out_dir)
+
+
 def trial_table(grid, space: Space, base_seed: int) -> pd.DataFrame:
     """One row per trial: id, status, error, seed, grid params, final metrics."""
     rows = []
     for result in grid:
         params = {k: result.config.get(k) for k in space.grid}
         metrics = result.metrics or {}
+        # Tune marks a trial's last result `done` when its trainable returned; a trial without
+        # it and without an error was pending or running when the sweep stopped.
+        status = "ERROR" if result.error else "TERMINATED" if metrics.get("done") else "UNFINISHED"
         rows.append({
             "trial_id": Path(result.path).name,
-            "status": "ERROR" if result.error else "TERMINATED",
+            "status": status,
             "error": error_summary(result.error) if result.error else None,
             "seed": base_seed,
             **{k.split(".")[-1]: v for k, v in params.items()},
@@ -262,21 +319,25 @@ def error_summary(error: BaseException) -> str:
     return (raised or lines or [type(error).__name__])[-1]
 
 
-def write_sweep_report(grid, space: Space, base_seed: int) -> Path:
+def write_sweep_report(grid, space: Space, base_seed: int, out_dir: str | None = None) -> Path:
+    """report.md, report.html, plots and trials.csv of a ResultGrid, into the experiment
+    directory unless `out_dir`: what `run_sweep` ends with and `raytrain report` rebuilds."""
     from raytrain.report import write_report
 
     exp = Path(grid.experiment_path)
     table = trial_table(grid, space, base_seed)
+    curves = {Path(r.path).name: r.metrics_dataframe for r in grid if r.metrics_dataframe is not None}
     group = space.group.split(".")[-1]
     notes = [
-        f"Experiment directory: `{exp}` (resume with `--resume {exp}`).",
+        f"Experiment directory: `{exp}` (resume with `--resume {exp}`; rebuild this report with `raytrain report {exp}`).",
         f"TensorBoard: `tensorboard --logdir {exp}` (one run per trial, written by Tune).",
         f"Mean per-step time over trials: {table['step_time'].mean():.3f} s; rows skipped (bad image or empty caption) per trial: "
         + ", ".join(str(x) for x in table["skipped_rows"].tolist()),
     ]
     return write_report(
-        table, exp, group=group, metrics=space.metrics, primary=space.primary, title=f"{space.name}: {', '.join(space.grid)}",
+        table, out_dir or exp, group=group, metrics=space.metrics, primary=space.primary, title=f"{space.name}: {', '.join(space.grid)}",
         group_label={_key(k): v for k, v in space.group_labels.items()}, notes=notes, baseline=space.baseline,
+        curves=curves, curve_metrics=CURVES,
     )  # fmt: skip
 
 
