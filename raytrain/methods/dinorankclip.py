@@ -17,6 +17,7 @@ from torch import nn
 from raytrain.losses.distill import cosine_distill
 from raytrain.methods import register_method
 from raytrain.methods.rankclip import RankCLIP
+from raytrain.models.encoders import pool_tokens
 from raytrain.models.fusion import ImageInjection, TextInjection
 from raytrain.models.init import part_init
 from raytrain.teachers.dinov3 import describe
@@ -81,9 +82,7 @@ class DINORankCLIP(RankCLIP):
         loss, more = self.objective(gather(u), gather(v), self.student.logit_scale(), batch, epoch)
         logs.update(more)
         if self.cfg.fusion.distill:
-            side = int(tokens.shape[1] ** 0.5)
-            grid = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
-            local = F.adaptive_avg_pool2d(grid, self.grid).flatten(2).transpose(1, 2)  # [B, g², width]
+            local = pool_tokens(tokens, self.grid)  # [B, g², width]
             distill = cosine_distill(self.distill_local(local), multiscale[:, -1]) + cosine_distill(
                 self.distill_global(f_s), cls
             )
