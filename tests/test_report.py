@@ -383,6 +383,12 @@ def test_cli_report_from_a_tune_experiment(tmp_path, ray_local, capsys):
     assert _row(md, "no_gate") == ["no_gate", "0.405 ± 0.005", "0.600 ± 0.000", "2"]
     assert "## Failed trials\n\nNone." in md
 
+    # A sweep whose grid left out its baseline row (e.g. grid.variant=[no_gate]): no deltas, said so.
+    (exp / "space.yaml").write_text((exp / "space.yaml").read_text().replace("baseline: full", "baseline: other"))
+    assert main(["report", str(exp), "--out", str(tmp_path / "nobase")]) == 0
+    md = (tmp_path / "nobase" / "report.md").read_text()
+    assert "## Difference vs" not in md and "No deltas: the baseline row 'other' is not in this sweep's grid." in md
+
     # A Tune experiment that `raytrain sweep` did not start: no space file to read.
     (exp / "space.yaml").unlink()
     assert main(["report", str(exp)]) == 2

@@ -334,9 +334,13 @@ def write_sweep_report(grid, space: Space, base_seed: int, out_dir: str | None =
         f"Mean per-step time over trials: {table['step_time'].mean():.3f} s; rows skipped (bad image or empty caption) per trial: "
         + ", ".join(str(x) for x in table["skipped_rows"].tolist()),
     ]
+    baseline = space.baseline
+    if baseline is not None and baseline not in set(table[group]):  # e.g. grid.variant=[cyclip] on the command line
+        notes.append(f"No deltas: the baseline row {baseline!r} is not in this sweep's grid.")
+        baseline = None
     return write_report(
         table, out_dir or exp, group=group, metrics=space.metrics, primary=space.primary, title=f"{space.name}: {', '.join(space.grid)}",
-        group_label={_key(k): v for k, v in space.group_labels.items()}, notes=notes, baseline=space.baseline,
+        group_label={_key(k): v for k, v in space.group_labels.items()}, notes=notes, baseline=baseline,
         curves=curves, curve_metrics=CURVES,
     )  # fmt: skip
 
