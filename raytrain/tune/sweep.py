@@ -289,12 +289,14 @@ def report_experiment(exp: str, out_dir: str | None = None) -> Path:
 def trial_table(grid, space: Space, base_seed: int) -> pd.DataFrame:
     """One row per trial: id, status, error, seed, grid params, final metrics."""
     rows = []
+    # Tune's own trial status (the experiment state's): TERMINATED when the trainable returned;
+    # PENDING/RUNNING when the sweep stopped first. Result has no public status, and the last
+    # result's `done` flag is not reliable (a Ray Train trial's final report may lack it).
+    status_of = {t.path: t.status for t in grid._experiment_analysis.trials}
     for result in grid:
         params = {k: result.config.get(k) for k in space.grid}
         metrics = result.metrics or {}
-        # Tune marks a trial's last result `done` when its trainable returned; a trial without
-        # it and without an error was pending or running when the sweep stopped.
-        status = "ERROR" if result.error else "TERMINATED" if metrics.get("done") else "UNFINISHED"
+        status = "ERROR" if result.error else "TERMINATED" if status_of.get(result.path) == "TERMINATED" else "UNFINISHED"
         rows.append({
             "trial_id": Path(result.path).name,
             "status": status,
