@@ -63,7 +63,7 @@ def batch_for(cfg, method, device) -> dict:
 def step_time(cfg, device: str, steps: int) -> dict:
     torch.manual_seed(0)
     method = build_method(cfg, 100).to(device)
-    opt = cfg.optim.build([p for p in method.parameters() if p.requires_grad])
+    opt = cfg.optim.build(method, method.lr_scales())
     batch = batch_for(cfg, method, device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
 

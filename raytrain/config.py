@@ -194,6 +194,9 @@ class LossConfig(Section):
     tuplewise: bool = True  # the T_r, r ≥ 3 terms; off = ablation
     target: Literal["rankclip", "teacher"] = "rankclip"
     transition_dim: int = Field(32, ge=4)
+    # lr multiplier of the transition terms (λ_r and their attention): λ start at 0, so at
+    # lr 2e-3 a short run moves them by ~0.1 and every order ≥ 1 trains like RankCLIP
+    transition_lr_scale: float = Field(1.0, gt=0)
     detach_transition_emb: bool = True
 
 
@@ -347,12 +350,22 @@ class OptimConfig(Section):
     warmup_steps: int = Field(20, ge=0)
     grad_clip: float | None = Field(1.0, gt=0)
 
-    def build(self, params):
+    def build(self, module, lr_scales: dict[str, float] | None = None):
+        """The optimizer over `module`'s trainable parameters: weight decay on matrices only;
+        `lr_scales` maps a parameter-name prefix to a multiplier of `lr` (a small head that
+        must learn within the run's budget, e.g. `loss.transition_lr_scale`)."""
         import torch
 
-        decay = [p for p in params if p.requires_grad and p.ndim >= 2]
-        no_decay = [p for p in params if p.requires_grad and p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": self.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        groups: dict[tuple[bool, float], list] = {}
+        for name, p in module.named_parameters():
+            if p.requires_grad:
+                scale = next((v for k, v in (lr_scales or {}).items() if name.startswith(k)), 1.0)
+                groups.setdefault((p.ndim >= 2, scale), []).append(p)
+        groups = [
+            {"params": ps, "weight_decay": self.weight_decay if decay else 0.0, "lr": self.lr * scale}
+            # the unscaled groups first: engines log param_groups[0]'s lr as "lr"
+            for (decay, scale), ps in sorted(groups.items(), key=lambda kv: (kv[0][1] != 1.0, not kv[0][0], kv[0][1]))
+        ]
         if self.name == "sgd":
             return torch.optim.SGD(groups, lr=self.lr, momentum=0.9)
         return torch.optim.AdamW(groups, lr=self.lr, betas=self.betas)

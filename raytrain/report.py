@@ -56,7 +56,7 @@ def write_report(trials: pd.DataFrame, out_dir, *, group: str, metrics: list[str
 
     # (file name, alt text, caption, figure); every plot goes to both reports
     plots = [(f"metrics_vs_{_safe(group)}.png", f"metrics vs {group}",
-              "Mean ± std over finished seeds.", _plot(mean, std, group, metrics, labels, title))]
+              "Mean ± std over finished seeds.", _plot(mean, std, n, group, metrics, labels, title))]
     if baseline is not None:
         plots.append((f"delta_vs_{_safe(baseline)}.png", f"difference vs {labels[baseline]}",
                       f"Mean minus the mean of {labels[baseline]}; error bars √(std² + std of {labels[baseline]}²).",
@@ -71,12 +71,13 @@ def write_report(trials: pd.DataFrame, out_dir, *, group: str, metrics: list[str
     failed = len(trials) - len(ok)
     blocks = [("h1", title),
               ("p", f"{len(trials)} trials: {len(ok)} finished, {failed} failed. "
-                    f"Cells are mean ± std over finished seeds (std with ddof=0)."),
+                    f"Cells are mean ± std over finished seeds (std with ddof=0); n/a: the "
+                    f"group's trials finished without reporting that metric."),
               ("table", *_summary_table(mean, std, n, group, metrics, labels)),
               ("p", _best_sentence(mean, std, n, group, primary, labels))]
     if baseline is not None:
         blocks += [("h2", f"Difference vs {labels[baseline]}"),
-                   ("table", *_delta_table(mean, group, metrics, labels, baseline))]
+                   ("table", *_delta_table(mean, n, group, metrics, labels, baseline))]
     blocks += [("h2", "Failed trials"), *_failed_section(trials, group), ("h2", "Plots")]
     blocks += [("img", name, alt, caption) for name, alt, caption, _ in plots]
     if notes:
@@ -205,18 +206,25 @@ def _summary_table(mean, std, n, group, metrics, labels):
     """(header, rows): one row per group: label, `mean ± std` per metric, n finished."""
     rows = []
     for g in mean.index:
-        cells = [("failed" if math.isnan(mean.at[g, m])
+        cells = [(_missing(n, g) if math.isnan(mean.at[g, m])
                   else f"{mean.at[g, m]:.3f} ± {std.at[g, m]:.3f}") for m in metrics]
         rows.append([labels[g], *cells, str(n[g])])
     return [group, *metrics, "n"], rows
 
 
-def _delta_table(mean, group, metrics, labels, baseline):
+def _missing(n, g) -> str:
+    """What an empty cell means: the group has no finished trial, or its finished trials did
+    not report the metric (e.g. an injection metric of a row without injection)."""
+    return "failed" if n[g] == 0 else "n/a"
+
+
+def _delta_table(mean, n, group, metrics, labels, baseline):
     """(header, rows): one row per group: signed mean difference vs the baseline group per metric."""
     rows = []
     for g in mean.index:
         deltas = mean.loc[g, metrics] - mean.loc[baseline, metrics]
-        rows.append([labels[g], *("failed" if math.isnan(d) else f"{d:+.3f}" for d in deltas)])
+        missing = "failed" if min(n[g], n[baseline]) == 0 else "n/a"
+        rows.append([labels[g], *(missing if math.isnan(d) else f"{d:+.3f}" for d in deltas)])
     return [group, *(f"Δ {m}" for m in metrics)], rows
 
 
@@ -264,7 +272,7 @@ def _grid(count, width, height, title):
     return fig, lambda i: fig.add_subplot(rows, cols, i + 1)
 
 
-def _plot(mean, std, group, metrics, labels, title):
+def _plot(mean, std, n, group, metrics, labels, title):
     """Figure with one subplot per metric: mean ± std (error bars) against the group."""
     fig, subplot = _grid(len(metrics), 4.2, 3.6, title)
     numeric = pd.api.types.is_numeric_dtype(mean.index) and not pd.api.types.is_bool_dtype(mean.index)
@@ -282,9 +290,9 @@ def _plot(mean, std, group, metrics, labels, title):
             ax.errorbar(xs, mean[m], yerr=std[m], marker="o", capsize=4)
         else:
             ax.bar(xs, mean[m], yerr=std[m], capsize=4, color="tab:blue", alpha=0.8)
-        for x, v in zip(xs, mean[m]):
+        for x, g, v in zip(xs, mean.index, mean[m]):
             if math.isnan(v):  # otherwise an all-failed group just looks missing
-                ax.text(x, 0.02, "failed", transform=ax.get_xaxis_transform(),
+                ax.text(x, 0.02, _missing(n, g), transform=ax.get_xaxis_transform(),
                         ha="center", color="tab:red", fontsize=8)
         ax.set_xticks(xs, [labels[g] for g in mean.index], rotation=30 if tilt else 0,
                       ha="right" if tilt else "center", fontsize=8)

@@ -154,7 +154,7 @@ def test_frozen_encoders_get_no_gradients_and_are_not_saved():
 
 def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
     method = build("optim.lr=1e-2", "optim.weight_decay=0")
-    optimizer = method.cfg.optim.build(list(method.parameters()))
+    optimizer = method.cfg.optim.build(method)
     b, losses = batch(16), []
     for _ in range(15):
         loss, _ = method(b, 1.0)

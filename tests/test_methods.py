@@ -75,6 +75,25 @@ def test_higher_order_starts_as_rankclip():
     assert four(batch(), 3.0)[0].item() == pytest.approx(one(batch(), 3.0)[0].item(), rel=1e-6)  # float32 rounding of a ~20 loss
 
 
+@pytest.mark.parametrize("name", ["rankclip", "dinorankclip"])
+def test_transition_lr_scale_and_lambda_logs(name):
+    """loss.transition_lr_scale puts the transition terms in their own optimizer groups at
+    lr × scale (weight decay on their matrices only); λ_r are logged per ranked modality."""
+    method = build([f"method={name}", "loss.order=3", "loss.transition_lr_scale=10", "optim.lr=1e-3"])
+    groups = method.cfg.optim.build(method, method.lr_scales()).param_groups
+    trans = {id(p) for n, p in method.named_parameters() if "_transition." in n}
+    assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in method.parameters())
+    for g in groups:
+        inside = {id(p) in trans for p in g["params"]}
+        assert len(inside) == 1  # a group is all transition or all other parameters
+        assert g["lr"] == pytest.approx(1e-2 if inside == {True} else 1e-3)
+        assert g["weight_decay"] == (0.1 if all(p.ndim >= 2 for p in g["params"]) else 0.0)
+    assert groups[0]["lr"] == pytest.approx(1e-3)  # engines log the first group's lr
+    _, logs = method(batch(), 3.0)
+    assert {f"{s}_lam{r}" for s in ("image", "text") for r in (2, 3)} <= set(logs)
+    assert build([f"method={name}", "loss.order=1"]).lr_scales() == {}  # no transition, one lr
+
+
 @pytest.mark.parametrize("order", [1, 3])
 def test_dinorankclip_starts_as_rankclip(order):
     """Injection is the identity at init: without distillation, DINORANKCLIP's loss and
@@ -117,6 +136,29 @@ def test_dinorankclip_live_teacher_and_eval_injection():
     with torch.no_grad():
         emb = method.encode_images(b["pixels"])
     assert emb.shape == (6, 8) and torch.allclose(emb.norm(dim=-1), torch.ones(6))
+
+
+@pytest.mark.parametrize("eval_inject", [False, True])
+def test_dinorankclip_evaluates_both_inference_modes(eval_inject):
+    """METHODS.md §4: training's evaluation scores the student alone and with the teacher
+    injected; the configured mode is unprefixed. The teacher for injection is built on first
+    use (evaluation images are not cached) and equals the one the cache was built with."""
+    flags = ["fusion.text_injection=false", "fusion.gate=false", f"fusion.eval_inject={str(eval_inject).lower()}"]
+    method = build(["method=dinorankclip", *flags])
+    assert method.teacher is None  # training reads the cache
+    with torch.no_grad():  # open the residual (zero-init alpha), so that injection changes the embedding
+        method.image_injection.gate.alpha.fill_(1.0)
+    views = method.evaluations()
+    assert list(views) == ["", "student_" if eval_inject else "inject_"]
+    pixels = batch()["pixels"]
+    with torch.no_grad():
+        student, injected = method.embed_images(pixels, False), method.embed_images(pixels, True)
+        own, other = (f(pixels) for f, _ in views.values())
+    assert not torch.allclose(student, injected)
+    assert torch.equal(own, injected if eval_inject else student) and torch.equal(other, student if eval_inject else injected)
+    assert all(p.grad is None and not p.requires_grad for p in method.teacher.parameters())
+    plain = build(["method=dinorankclip", "fusion.image_injection=false", "fusion.text_injection=false"])
+    assert list(plain.evaluations()) == [""]  # nothing to inject: one mode
 
 
 def test_method_requirements_are_checked():

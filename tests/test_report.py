@@ -117,6 +117,23 @@ def test_methods_with_baseline(tmp_path):
         assert im.format == "PNG"
 
 
+def test_metric_a_row_does_not_report_is_na_not_failed(tmp_path):
+    """A finished row without a metric (e.g. `inject_*` for an ablation without injection)
+    says n/a; a row or baseline with no finished trial says failed."""
+    trials, _ = _methods()
+    trials["inject_acc"] = trials["acc"].where(trials["method"] != "distill")  # NaN for distill
+    md = write_report(trials, tmp_path, group="method", metrics=["acc", "inject_acc"], primary="acc",
+                      title="Methods", baseline="clip").read_text()
+    assert _row(md, "distill") == ["distill", "0.490 ± 0.010", "n/a", "2"]
+    deltas = md.split("## Difference vs clip")[1].split("##")[0]
+    assert _row(deltas, "distill") == ["distill", "-0.020", "n/a"]
+    trials.loc[trials["method"] == "clip", "status"] = "ERROR"
+    md = write_report(trials, tmp_path, group="method", metrics=["acc", "inject_acc"], primary="acc",
+                      title="Methods", baseline="clip").read_text()
+    deltas = md.split("## Difference vs clip")[1].split("##")[0]
+    assert _row(deltas, "rankclip") == ["rankclip", "failed", "failed"]
+
+
 @pytest.mark.parametrize("kw, col", [
     ({"group": "R"}, "R"),
     ({"metrics": ["zs_top1", "nope"]}, "nope"),

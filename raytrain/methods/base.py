@@ -34,8 +34,17 @@ class Method(nn.Module):
         writes only the student) carries the trained model."""
         return cls.has_student and cls.encode_images is Method.encode_images and cls.encode_texts is Method.encode_texts
 
+    def lr_scales(self) -> dict[str, float]:
+        """Parameter-name prefix → multiplier of optim.lr, for the optimizer's groups."""
+        return {}
+
     def after_step(self) -> None:
         """Called by the engine after every optimizer step (EMA teachers update here)."""
+
+    def evaluations(self) -> dict[str, tuple]:
+        """Metric-name prefix → (encode_images, encode_texts) that training's evaluation
+        scores; "" is the method's own pair, the one `raytrain eval` and export use."""
+        return {"": (self.encode_images, self.encode_texts)}
 
     def encode_images(self, pixels: Tensor) -> Tensor:
         """Evaluation embeddings of images (the student alone unless a method injects)."""

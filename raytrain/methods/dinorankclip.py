@@ -45,8 +45,7 @@ class DINORankCLIP(RankCLIP):
         if fusion.distill:  # projectors from the student into the teacher's space
             with part_init("distill", cfg.seed):
                 self.distill_local, self.distill_global = nn.Linear(width, dim), nn.Linear(embed, dim)
-        needs_live = not cfg.cache.use or fusion.eval_inject  # evaluation images are not cached
-        if needs_live and self.teacher is None:
+        if not cfg.cache.use and self.teacher is None:
             self.teacher = cfg.teachers.dinov3.build(cfg.data.mean, cfg.data.std)
         self.grid = grid
         self.text_teacher = None  # built on first use by evaluation with injection (not saved)
@@ -94,14 +93,34 @@ class DINORankCLIP(RankCLIP):
         return self.teacher_outputs(batch)[0]
 
     def encode_images(self, pixels):
-        if not self.cfg.fusion.eval_inject or self.image_injection is None:
+        return self.embed_images(pixels, self.cfg.fusion.eval_inject)
+
+    def encode_texts(self, tokens, captions):
+        return self.embed_texts(tokens, captions, self.cfg.fusion.eval_inject)
+
+    def evaluations(self):
+        """Both inference modes of METHODS.md §4: the configured one unprefixed, the other as
+        `inject_*` (teacher features injected) or `student_*` (the student alone)."""
+        out = super().evaluations()
+        if self.image_injection is not None or self.text_injection is not None:
+            other = not self.cfg.fusion.eval_inject
+            out["inject_" if other else "student_"] = (
+                lambda pixels: self.embed_images(pixels, other),
+                lambda tokens, captions: self.embed_texts(tokens, captions, other),
+            )
+        return out
+
+    def embed_images(self, pixels, inject: bool):
+        if not inject or self.image_injection is None:
             return super().encode_images(pixels)
+        if self.teacher is None:  # evaluation images are not cached; the teacher builds seeded
+            self.teacher = self.cfg.teachers.dinov3.build(self.cfg.data.mean, self.cfg.data.std).to(pixels.device)
         f_s, tokens = self.student.image(pixels)
         out = self.teacher(pixels)
         return F.normalize(self.image_injection(f_s, out.multiscale, tokens), dim=-1)
 
-    def encode_texts(self, tokens, captions):
-        if not self.cfg.fusion.eval_inject or self.text_injection is None:
+    def embed_texts(self, tokens, captions, inject: bool):
+        if not inject or self.text_injection is None:
             return super().encode_texts(tokens, captions)
         if self.text_teacher is None:
             self.text_teacher = self.cfg.teachers.text.build().to(tokens.device)

@@ -34,6 +34,10 @@ class RankCLIP(Method):
         live = loss.target == "teacher" and loss.order >= 1 and not cfg.cache.use
         self.teacher = cfg.teachers.dinov3.build(cfg.data.mean, cfg.data.std) if live else None
 
+    def lr_scales(self) -> dict[str, float]:
+        scale = self.cfg.loss.transition_lr_scale
+        return {"image_transition.": scale, "text_transition.": scale} if self.image_transition is not None else {}
+
     def forward(self, batch, epoch: float):
         u, v, scale = self.embed(batch)
         return self.objective(u, v, scale, batch, epoch)
@@ -54,6 +58,9 @@ class RankCLIP(Method):
         )
         weight = cfg.weight * (ramp(epoch, self.cfg.train.epochs) if cfg.ramp else 1.0)
         logs.update(rank=rank.detach(), rank_weight=torch.tensor(weight))
+        for side, trans in (("image", self.image_transition), ("text", self.text_transition)):
+            if trans is not None:  # λ_r per ranked modality: are the transition terms used?
+                logs.update({f"{side}_lam{r}": lam.detach() for r, lam in enumerate(trans.lam, start=2)})
         return contrastive + weight * rank, logs
 
     def teacher_cls(self, batch):

@@ -44,7 +44,7 @@ class DDPEngine:
     def __init__(self, method: torch.nn.Module, cfg, total_steps: int, device: torch.device):
         self.module = method.to(device)
         self.model = DistributedDataParallel(method) if world_size() > 1 else method
-        self.optimizer = cfg.optim.build([p for p in method.parameters() if p.requires_grad])
+        self.optimizer = cfg.optim.build(method, method.lr_scales())
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: cfg.optim.lr_at(s, total_steps))
         self.grad_clip = cfg.optim.grad_clip
 
@@ -216,7 +216,7 @@ class DeepSpeedEngine:
         if device.type == "cuda":
             torch.cuda.set_device(device)
 
-        optimizer = cfg.optim.build([p for p in method.parameters() if p.requires_grad])
+        optimizer = cfg.optim.build(method, method.lr_scales())
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cfg.optim.lr_at(s, total_steps))
         try:
             with _broadcastable_scalars(deepspeed):

@@ -167,22 +167,26 @@ def _metrics(loss, logs, stats, step, epoch, window, local_batch) -> dict:
 
 @torch.no_grad()
 def evaluate(method, tokenizer, cfg, eval_dir: str, device) -> dict[str, float]:
-    """The embedded evaluation suite on the method's evaluation encoders."""
+    """The embedded evaluation suite on each of the method's evaluation encoder pairs
+    (`Method.evaluations`), its metrics prefixed by the pair's name."""
     from raytrain.data.transforms import decode_image, normalize
     from raytrain.eval.suite import evaluate as run_suite
 
     method.eval()
     size, length = cfg.data.image_size, cfg.data.context_length
 
-    def images(data: list[bytes]) -> torch.Tensor:
+    def pixels(data: list[bytes]) -> torch.Tensor:
         decoded = [decode_image(b, size) for b in data]
         if any(d is None for d in decoded):
             raise ValueError(f"an evaluation image in {eval_dir} does not decode")
-        return method.encode_images(torch.from_numpy(normalize(np.stack(decoded), cfg.data.mean, cfg.data.std)).to(device))
+        return torch.from_numpy(normalize(np.stack(decoded), cfg.data.mean, cfg.data.std)).to(device)
 
-    def texts(captions: list[str]) -> torch.Tensor:
-        return method.encode_texts(torch.from_numpy(tokenizer(captions, length)).to(device), captions)
+    def tokens(captions: list[str]) -> torch.Tensor:
+        return torch.from_numpy(tokenizer(captions, length)).to(device)
 
-    results = run_suite(images, texts, eval_dir)
+    results = {}
+    for prefix, (images, texts) in method.evaluations().items():
+        scores = run_suite(lambda data, f=images: f(pixels(data)), lambda caps, f=texts: f(tokens(caps), caps), eval_dir)
+        results.update({prefix + k: v for k, v in scores.items()})
     method.train()
     return results
