@@ -293,7 +293,7 @@ def _plot(mean, std, n, group, metrics, labels, title):
         for x, g, v in zip(xs, mean.index, mean[m]):
             if math.isnan(v):  # otherwise an all-failed group just looks missing
                 ax.text(x, 0.02, _missing(n, g), transform=ax.get_xaxis_transform(),
-                        ha="center", color="tab:red", fontsize=8)
+                        ha="center", color="tab:red" if n[g] == 0 else "grey", fontsize=8)
         ax.set_xticks(xs, [labels[g] for g in mean.index], rotation=30 if tilt else 0,
                       ha="right" if tilt else "center", fontsize=8)
         ax.set_xlim(lo - pad, hi + pad)
