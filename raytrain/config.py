@@ -194,8 +194,9 @@ class LossConfig(Section):
     tuplewise: bool = True  # the T_r, r ≥ 3 terms; off = ablation
     target: Literal["rankclip", "teacher"] = "rankclip"
     transition_dim: int = Field(32, ge=4)
-    # lr multiplier of the transition terms (λ_r and their attention): λ start at 0, so at
-    # lr 2e-3 a short run moves them by ~0.1 and every order ≥ 1 trains like RankCLIP
+    # lr multiplier of the transition terms (λ_r and their attention): λ start at 0 and Adam
+    # moves them by about lr per step, so a short run at the base lr leaves them near 0
+    # (the order sweep's report shows the learned λ)
     transition_lr_scale: float = Field(1.0, gt=0)
     detach_transition_emb: bool = True
 
