@@ -70,7 +70,10 @@ class TextTower(nn.Module):
         super().__init__()
         self.pad_id = pad_id
         self.embed = nn.Embedding(vocab_size, width)
-        self.pos = nn.Parameter(torch.randn(1, context_length, width) * 0.02)
+        # Same scale as the token embeddings (nn.Embedding: std 1): with positions at 0.02 the
+        # pre-LN blocks start order-blind and the text embedding stays a bag of words, so
+        # attribute binding ("red cube left of blue ball" vs swapped) stays at chance.
+        self.pos = nn.Parameter(torch.randn(1, context_length, width))
         self.blocks = _blocks(width, depth, heads)
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, embed_dim, bias=False)
