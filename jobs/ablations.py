@@ -1,7 +1,7 @@
 """The ablations sweep (tune_spaces/ablations.yaml) × seeds, and its report with deltas.
 
-    python jobs/ablations.py [--resume DIR] [key=value ...]
-    ray job submit --working-dir . -- python jobs/ablations.py
+python jobs/ablations.py [--resume DIR] [key=value ...]
+ray job submit --working-dir . -- python jobs/ablations.py
 """
 
 import sys

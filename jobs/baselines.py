@@ -1,7 +1,7 @@
 """The baselines sweep (tune_spaces/baselines.yaml) × seeds, and its report with deltas.
 
-    python jobs/baselines.py [--resume DIR] [key=value ...]
-    ray job submit --working-dir . -- python jobs/baselines.py
+python jobs/baselines.py [--resume DIR] [key=value ...]
+ray job submit --working-dir . -- python jobs/baselines.py
 """
 
 import sys

@@ -25,5 +25,7 @@ if __name__ == "__main__":
     out.mkdir(parents=True, exist_ok=True)
     (out / "cka_toy.json").write_text(json.dumps(result))
     plot(result, out / "cka_vs_clip_loss.png")
-    print(f"{args.instances} instances: Pearson r(CKA, log min CLIP loss) = {result['pearson_cka_log_loss']:.3f}, "
-          f"Spearman = {result['spearman_cka_loss']:.3f}; plot {out / 'cka_vs_clip_loss.png'}")
+    print(
+        f"{args.instances} instances: Pearson r(CKA, log min CLIP loss) = {result['pearson_cka_log_loss']:.3f}, "
+        f"Spearman = {result['spearman_cka_loss']:.3f}; plot {out / 'cka_vs_clip_loss.png'}"
+    )

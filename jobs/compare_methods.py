@@ -1,7 +1,7 @@
 """Every method on the embedded default (tune_spaces/methods.yaml) × seeds, and its report.
 
-    python jobs/compare_methods.py [--resume DIR] [key=value ...]
-    ray job submit --working-dir . -- python jobs/compare_methods.py
+python jobs/compare_methods.py [--resume DIR] [key=value ...]
+ray job submit --working-dir . -- python jobs/compare_methods.py
 """
 
 import sys

@@ -28,7 +28,13 @@ def main(argv: list[str]) -> int:
     args = p.parse_args(argv)
     try:
         data = make_config({}, args.overrides).data
-        curate(data, args.out, load_concepts(args.concepts) if args.concepts else default_concepts(data), args.cap, args.seed)
+        curate(
+            data,
+            args.out,
+            load_concepts(args.concepts) if args.concepts else default_concepts(data),
+            args.cap,
+            args.seed,
+        )
     except (ConfigError, CurationError, SchemaError, StorageError, FileNotFoundError) as e:
         print(f"raytrain: error: {e}", file=sys.stderr)
         return 2

@@ -1,7 +1,7 @@
 """The ranking-order sweep (R = 0 CLIP, 1 RankCLIP, 2..5 high-order PL) × seeds, and its report.
 
-    python jobs/order_sweep.py [--resume DIR] [key=value ...]
-    ray job submit --working-dir . -- python jobs/order_sweep.py grid.seed=[0]
+python jobs/order_sweep.py [--resume DIR] [key=value ...]
+ray job submit --working-dir . -- python jobs/order_sweep.py grid.seed=[0]
 """
 
 import sys

@@ -39,9 +39,14 @@ def main(argv: list[str]) -> int:
     try:
         cfg = make_config({}, args.overrides)
         size = cfg.teachers.dinov3.image_size
-        images = {n: TeacherConfig(size=v, image_size=size) if v in SIZES else TeacherConfig(path=v, image_size=size)
-                  for n, v in (candidates(args.image, "image") or {"tiny": "tiny"}).items()}  # fmt: skip
-        texts = {n: TextTeacherConfig(path=None if v == "default" else v) for n, v in (candidates(args.text, "text") or {"minilm": "default"}).items()}
+        images = {
+            n: TeacherConfig(size=v, image_size=size) if v in SIZES else TeacherConfig(path=v, image_size=size)
+            for n, v in (candidates(args.image, "image") or {"tiny": "tiny"}).items()
+        }
+        texts = {
+            n: TextTeacherConfig(path=None if v == "default" else v)
+            for n, v in (candidates(args.text, "text") or {"minilm": "default"}).items()
+        }
         table = encoder_table(cfg.data, images, texts, args.n)
     except ConfigError as e:
         print(f"raytrain: error: {e}", file=sys.stderr)

@@ -17,29 +17,58 @@ def main(argv: list[str] | None = None) -> int:
     sweep = sub.add_parser("sweep", help="run a Tune space (order sweep, ablations, baselines) and write its report")
     sweep.add_argument("--space", default="tune_spaces/order_sweep.yaml", help="space file (tune_spaces/*.yaml)")
     sweep.add_argument("--resume", metavar="EXPERIMENT_DIR", help="resume an interrupted sweep from its directory")
-    sweep.add_argument("--profile", action="append", default=[], metavar="FILE",
-                       help="config fragment for the machine (tune_spaces/profiles/*.yaml: scale, GPUs, CPUs per worker); repeatable")  # fmt: skip
-    sweep.add_argument("overrides", nargs="*", help="dotted config overrides (train.lr=1e-3) or grid axes (grid.seed=[0])")
+    sweep.add_argument(
+        "--profile",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="config fragment for the machine (tune_spaces/profiles/*.yaml: scale, GPUs, CPUs per worker); repeatable",
+    )
+    sweep.add_argument(
+        "overrides", nargs="*", help="dotted config overrides (train.lr=1e-3) or grid axes (grid.seed=[0])"
+    )
 
-    rep = sub.add_parser("report", help="rebuild a sweep's report (report.md, report.html) from its experiment directory; runs nothing")
-    rep.add_argument("experiment", help="the sweep's Ray Tune experiment directory (<run.storage_path>/<space name>-<time>)")
+    rep = sub.add_parser(
+        "report", help="rebuild a sweep's report (report.md, report.html) from its experiment directory; runs nothing"
+    )
+    rep.add_argument(
+        "experiment", help="the sweep's Ray Tune experiment directory (<run.storage_path>/<space name>-<time>)"
+    )
     rep.add_argument("--out", help="write the report here (default: into the experiment directory)")
 
     cache = sub.add_parser("cache", help="build (or resume) the teacher cache for a config")
     cache.add_argument("--config", help="YAML config file (default: the built-in defaults)")
     cache.add_argument("overrides", nargs="*", help="dotted config overrides (cache.teachers=[dinov3,text])")
 
-    export = sub.add_parser("export", help="write a checkpoint's student as safetensors + config (no Ray needed to use it)")
+    export = sub.add_parser(
+        "export", help="write a checkpoint's student as safetensors + config (no Ray needed to use it)"
+    )
     export.add_argument("checkpoint", help="a trial checkpoint directory (holds model.pt and config.json)")
     export.add_argument("--out", required=True, help="output directory")
 
-    ev = sub.add_parser("eval", help="score a checkpoint or exported student on the eval suite (eval.tasks): "
-                        "a JSON per task in clip_benchmark's layout, and summary.md")  # fmt: skip
-    ev.add_argument("model", help="a trial checkpoint directory (model.pt + config.json) or an exported student (model.safetensors + config.json)")
-    ev.add_argument("--config", help="YAML config file whose eval section lists the tasks (default: the embedded evaluation splits)")
+    ev = sub.add_parser(
+        "eval",
+        help="score a checkpoint or exported student on the eval suite (eval.tasks): "
+        "a JSON per task in clip_benchmark's layout, and summary.md",
+    )
+    ev.add_argument(
+        "model",
+        help="a trial checkpoint directory (model.pt + config.json) "
+        "or an exported student (model.safetensors + config.json)",
+    )
+    ev.add_argument(
+        "--config", help="YAML config file whose eval section lists the tasks (default: the embedded evaluation splits)"
+    )
     ev.add_argument("--out", default="results/eval", help="output directory, local or s3:// (default: results/eval)")
-    ev.add_argument("--parallel", action="store_true", help="run the tasks as Ray tasks (eval.num_cpus / eval.num_gpus each)")
-    ev.add_argument("overrides", nargs="*", help="dotted config overrides (eval.device=cpu, eval.tasks=[{name: c10, kind: zeroshot, format: cifar10, path: data/}])")
+    ev.add_argument(
+        "--parallel", action="store_true", help="run the tasks as Ray tasks (eval.num_cpus / eval.num_gpus each)"
+    )
+    ev.add_argument(
+        "overrides",
+        nargs="*",
+        help="dotted config overrides "
+        "(eval.device=cpu, eval.tasks=[{name: c10, kind: zeroshot, format: cifar10, path: data/}])",
+    )
 
     data = sub.add_parser("data", help="generate the embedded default dataset")
     data.add_argument("out_dir")

@@ -70,7 +70,9 @@ class DataConfig(Section):
     @model_validator(mode="after")
     def _embedded_is_raytrain(self):
         if self.path == "embedded" and self.format != "raytrain":
-            raise ValueError(f"format {self.format!r} needs a path to such a dataset; the embedded default is format 'raytrain'")
+            raise ValueError(
+                f"format {self.format!r} needs a path to such a dataset; the embedded default is format 'raytrain'"
+            )
         return self
 
 
@@ -263,7 +265,9 @@ class TIPSv2Config(Section):
     def _ranges(self):
         w = self.caption_weights
         if w is not None and (len(w) != len(self.captions) or min(w) < 0 or sum(w) <= 0):
-            raise ValueError(f"caption_weights {w} must be one non-negative weight per column of captions {self.captions}, not all 0")
+            raise ValueError(
+                f"caption_weights {w} must be one non-negative weight per column of captions {self.captions}, not all 0"
+            )
         if not 0 <= self.mask_ratio[0] <= self.mask_ratio[1] <= 1:
             raise ValueError(f"mask_ratio {self.mask_ratio} must be (low, high) with 0 <= low <= high <= 1")
         if not 0 <= self.ema_momentum[0] <= self.ema_momentum[1] <= 1:
@@ -411,7 +415,9 @@ class TrainConfig(Section):
         if self.batch_size % self.num_workers:
             raise ValueError(f"batch_size {self.batch_size} is not divisible by num_workers {self.num_workers}")
         if self.checkpoint_every % self.report_every:
-            raise ValueError(f"checkpoint_every {self.checkpoint_every} is not a multiple of report_every {self.report_every}")
+            raise ValueError(
+                f"checkpoint_every {self.checkpoint_every} is not a multiple of report_every {self.report_every}"
+            )
         return self
 
 
@@ -445,7 +451,9 @@ class EvalTaskConfig(Section):
         if self.format != "embedded" and self.path is None:
             raise ValueError(f"task {self.name!r}: format {self.format} needs a path")
         if only.get(self.format, self.kind) != self.kind:
-            raise ValueError(f"task {self.name!r}: format {self.format} is a {only[self.format]} dataset, not {self.kind}")
+            raise ValueError(
+                f"task {self.name!r}: format {self.format} is a {only[self.format]} dataset, not {self.kind}"
+            )
         for key, fmt in (("annotations", "karpathy"), ("classnames", "imagefolder")):
             if getattr(self, key) is not None and self.format != fmt:
                 raise ValueError(f"task {self.name!r}: {key} is read only for format {fmt}")
@@ -500,35 +508,57 @@ class Config(Section):
             raise ValueError(f"unknown method {self.method!r}; registered: {', '.join(list_methods())}")
         if self.cache.use and self.loss.target == "teacher" and "dinov3" not in self.cache.teachers:
             raise ValueError("loss.target=teacher with cache.use=true needs 'dinov3' in cache.teachers")
-        if self.method == "dinorankclip" and self.fusion.text_injection and not (self.cache.use and "text" in self.cache.teachers):
-            raise ValueError("fusion.text_injection reads the text teacher from the cache: set cache.use=true and "
-                             "add 'text' to cache.teachers (or fusion.text_injection=false)")  # fmt: skip
+        if (
+            self.method == "dinorankclip"
+            and self.fusion.text_injection
+            and not (self.cache.use and "text" in self.cache.teachers)
+        ):
+            raise ValueError(
+                "fusion.text_injection reads the text teacher from the cache: set cache.use=true and "
+                "add 'text' to cache.teachers (or fusion.text_injection=false)"
+            )
         if self.method == "alip" and self.baselines.alip_caption not in self.data.extra_captions:
-            raise ValueError(f"alip reads its synthetic caption {self.baselines.alip_caption!r}: add it to data.extra_captions")
+            raise ValueError(
+                f"alip reads its synthetic caption {self.baselines.alip_caption!r}: add it to data.extra_captions"
+            )
         if self.method == "dinorankclip" and self.cache.use and "dinov3" not in self.cache.teachers:
             raise ValueError("dinorankclip with cache.use=true needs 'dinov3' in cache.teachers")
-        if self.method == "freeze_align" and not (self.cache.use and {"dinov3", "text_tokens"} <= set(self.cache.teachers)):
-            raise ValueError("freeze_align trains on cached encoder features: set cache.use=true and put dinov3 and "
-                             "text_tokens in cache.teachers")  # fmt: skip
+        if self.method == "freeze_align" and not (
+            self.cache.use and {"dinov3", "text_tokens"} <= set(self.cache.teachers)
+        ):
+            raise ValueError(
+                "freeze_align trains on cached encoder features: set cache.use=true and put dinov3 and "
+                "text_tokens in cache.teachers"
+            )
         if self.method == "tipsv2":
             t = self.tipsv2
-            if missing := [c for c in t.captions if c != self.data.caption_column and c not in self.data.extra_captions]:
+            if missing := [
+                c for c in t.captions if c != self.data.caption_column and c not in self.data.extra_captions
+            ]:
                 raise ValueError(f"tipsv2.captions reads {missing}: add them to data.extra_captions")
             if t.patch_weight and self.cache.use and "dinov3" not in self.cache.teachers:
-                raise ValueError("tipsv2 with cache.use=true needs 'dinov3' in cache.teachers (or tipsv2.patch_weight=0)")
+                raise ValueError(
+                    "tipsv2 with cache.use=true needs 'dinov3' in cache.teachers (or tipsv2.patch_weight=0)"
+                )
             if t.ibot_weight and t.ema_steps is None and self.data.path != "embedded":
-                raise ValueError("tipsv2.ema_steps: set the EMA/temperature horizon (≈ train.epochs × rows / train.batch_size) "
-                                 "for data other than the embedded default")  # fmt: skip
+                raise ValueError(
+                    "tipsv2.ema_steps: set the EMA/temperature horizon (≈ train.epochs × rows / train.batch_size) "
+                    "for data other than the embedded default"
+                )
         if self.method in ("dclip", "dclip_meta"):
             need = {"text"}
             if self.method == "dclip_meta" or self.dclip.distill:  # the meta-teacher's inputs
                 need |= {"dinov3", "text_tokens"} | ({"yolo"} if self.dclip.meta.regions == "yolo" else set())
             if not self.cache.use or need - set(self.cache.teachers):
-                raise ValueError(f"{self.method} reads its teachers from the cache: set cache.use=true and put "
-                                 f"{', '.join(sorted(need))} in cache.teachers")  # fmt: skip
+                raise ValueError(
+                    f"{self.method} reads its teachers from the cache: set cache.use=true and put "
+                    f"{', '.join(sorted(need))} in cache.teachers"
+                )
         if self.method == "dclip_meta" and self.train.eval:
-            raise ValueError("dclip_meta (DCLIP's phase 1) has no evaluation: its meta-teacher needs each image's caption "
-                             "and cached regions; set train.eval=false")  # fmt: skip
+            raise ValueError(
+                "dclip_meta (DCLIP's phase 1) has no evaluation: its meta-teacher needs each image's caption "
+                "and cached regions; set train.eval=false"
+            )
         return self
 
     def override(self, overrides: dict[str, Any] | list[str]) -> Config:
@@ -610,5 +640,7 @@ def read_tree(path: str | Path, what: str) -> dict:
         raise ConfigError(f"{what} {path} does not exist")
     tree = yaml.safe_load(path.read_text()) or {}
     if not isinstance(tree, dict):
-        raise ConfigError(f"{what} {path} must hold a mapping of config keys at the top level (e.g. train: {{epochs: 8}})")
+        raise ConfigError(
+            f"{what} {path} must hold a mapping of config keys at the top level (e.g. train: {{epochs: 8}})"
+        )
     return tree

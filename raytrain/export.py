@@ -1,8 +1,8 @@
 """Export a trained student for use without Ray or DeepSpeed: safetensors + a JSON config.
 
-    raytrain export <checkpoint dir> --out student/
-    model = ExportedStudent.load("student/")          # needs torch, numpy, PIL, pydantic
-    model.embed_images([png_bytes, ...]); model.embed_texts(["a red circle"])
+raytrain export <checkpoint dir> --out student/
+model = ExportedStudent.load("student/")          # needs torch, numpy, PIL, pydantic
+model.embed_images([png_bytes, ...]); model.embed_texts(["a red circle"])
 """
 
 from __future__ import annotations
@@ -31,9 +31,11 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     # the training loop's layout: the engine's consolidated fp32 state (DDP or DeepSpeed)
     weights = state["engine"]["model"]
     if not method_class(cfg["method"]).exports_student(make_config(cfg)):  # e.g. freeze_align, dclip
-        raise ConfigError(f"checkpoint {checkpoint}: method {cfg['method']} does not evaluate with its student alone "
-                          "(frozen encoders or teachers take part), so an exported student would not be the trained "
-                          "model; score the checkpoint in place with `raytrain eval`")  # fmt: skip
+        raise ConfigError(
+            f"checkpoint {checkpoint}: method {cfg['method']} does not evaluate with its student alone "
+            "(frozen encoders or teachers take part), so an exported student would not be the trained "
+            "model; score the checkpoint in place with `raytrain eval`"
+        )
     student = {k[len("student.") :]: v.float().contiguous() for k, v in weights.items() if k.startswith("student.")}
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -42,13 +44,20 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     if src.vocabulary is None:  # a Hugging Face tokenizer directory travels with the model
         tokenizer.tok.save_pretrained(out / "tokenizer")
     save_file(student, out / WEIGHTS)
-    (out / CONFIG).write_text(json.dumps({
-        "model": cfg["model"],
-        "data": {k: cfg["data"][k] for k in ("image_size", "context_length", "mean", "std")},
-        "tokenizer": {"vocabulary": list(src.vocabulary)} if src.vocabulary is not None else {"path": "tokenizer"},
-        "vocab_size": tokenizer.vocab_size,
-        "pad_id": tokenizer.pad_id,
-    }, indent=1))  # fmt: skip
+    (out / CONFIG).write_text(
+        json.dumps(
+            {
+                "model": cfg["model"],
+                "data": {k: cfg["data"][k] for k in ("image_size", "context_length", "mean", "std")},
+                "tokenizer": {"vocabulary": list(src.vocabulary)}
+                if src.vocabulary is not None
+                else {"path": "tokenizer"},
+                "vocab_size": tokenizer.vocab_size,
+                "pad_id": tokenizer.pad_id,
+            },
+            indent=1,
+        )
+    )
     return out
 
 
@@ -62,11 +71,19 @@ class ExportedStudent:
         directory = Path(directory)
         self.meta = json.loads((directory / CONFIG).read_text())
         data = self.meta["data"]
-        self.model = Student(ModelConfig(**self.meta["model"]), self.meta["vocab_size"], data["image_size"], data["context_length"], self.meta["pad_id"])
+        self.model = Student(
+            ModelConfig(**self.meta["model"]),
+            self.meta["vocab_size"],
+            data["image_size"],
+            data["context_length"],
+            self.meta["pad_id"],
+        )
         self.model.load_state_dict(load_file(directory / WEIGHTS))
         self.model.eval()
         tok = self.meta["tokenizer"]
-        self.tokenizer = WordTokenizer(tok["vocabulary"]) if "vocabulary" in tok else HFTokenizer(str(directory / tok["path"]))
+        self.tokenizer = (
+            WordTokenizer(tok["vocabulary"]) if "vocabulary" in tok else HFTokenizer(str(directory / tok["path"]))
+        )
 
     @classmethod
     def load(cls, directory: str | Path) -> ExportedStudent:

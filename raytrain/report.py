@@ -27,10 +27,20 @@ BASE_COLUMNS = ("trial_id", "status", "error", "seed")
 FINISHED = "TERMINATED"
 
 
-def write_report(trials: pd.DataFrame, out_dir, *, group: str, metrics: list[str], primary: str,
-                 title: str, group_label: dict | None = None, notes: list[str] = (),
-                 baseline=None, curves: dict[str, pd.DataFrame] | None = None,
-                 curve_metrics: list[str] = ("loss",)) -> Path:
+def write_report(
+    trials: pd.DataFrame,
+    out_dir,
+    *,
+    group: str,
+    metrics: list[str],
+    primary: str,
+    title: str,
+    group_label: dict | None = None,
+    notes: list[str] = (),
+    baseline=None,
+    curves: dict[str, pd.DataFrame] | None = None,
+    curve_metrics: list[str] = ("loss",),
+) -> Path:
     """Write `report.md`, `report.html`, the PNG plots and `trials.csv` into `out_dir`.
 
     Only TERMINATED trials count towards a group's mean, std (over seeds,
@@ -55,29 +65,53 @@ def write_report(trials: pd.DataFrame, out_dir, *, group: str, metrics: list[str
     n = by.size().reindex(groups, fill_value=0)
 
     # (file name, alt text, caption, figure); every plot goes to both reports
-    plots = [(f"metrics_vs_{_safe(group)}.png", f"metrics vs {group}",
-              "Mean ± std over finished seeds.", _plot(mean, std, n, group, metrics, labels, title))]
+    plots = [
+        (
+            f"metrics_vs_{_safe(group)}.png",
+            f"metrics vs {group}",
+            "Mean ± std over finished seeds.",
+            _plot(mean, std, n, group, metrics, labels, title),
+        )
+    ]
     if baseline is not None:
-        plots.append((f"delta_vs_{_safe(baseline)}.png", f"difference vs {labels[baseline]}",
-                      f"Mean minus the mean of {labels[baseline]}; error bars √(std² + std of {labels[baseline]}²).",
-                      _delta_plot(mean, std, metrics, labels, baseline, title)))
+        plots.append(
+            (
+                f"delta_vs_{_safe(baseline)}.png",
+                f"difference vs {labels[baseline]}",
+                f"Mean minus the mean of {labels[baseline]}; error bars √(std² + std of {labels[baseline]}²).",
+                _delta_plot(mean, std, metrics, labels, baseline, title),
+            )
+        )
     curve_fig = _curve_plot(trials, curves or {}, group, labels, list(curve_metrics), title)
     if curve_fig is not None:
-        plots.append(("training_curves.png", "training curves",
-                      "Every trial's reported values against its step, coloured by "
-                      f"{group}; dashed, ending in ×: a trial that did not finish.", curve_fig))
+        plots.append(
+            (
+                "training_curves.png",
+                "training curves",
+                "Every trial's reported values against its step, coloured by "
+                f"{group}; dashed, ending in ×: a trial that did not finish.",
+                curve_fig,
+            )
+        )
     pngs = {name: _png(fig) for name, _, _, fig in plots}
 
     failed = len(trials) - len(ok)
-    blocks = [("h1", title),
-              ("p", f"{len(trials)} trials: {len(ok)} finished, {failed} failed. "
-                    f"Cells are mean ± std over finished seeds (std with ddof=0); n/a: the "
-                    f"group's trials finished without reporting that metric."),
-              ("table", *_summary_table(mean, std, n, group, metrics, labels)),
-              ("p", _best_sentence(mean, std, n, group, primary, labels))]
+    blocks = [
+        ("h1", title),
+        (
+            "p",
+            f"{len(trials)} trials: {len(ok)} finished, {failed} failed. "
+            f"Cells are mean ± std over finished seeds (std with ddof=0); n/a: the "
+            f"group's trials finished without reporting that metric.",
+        ),
+        ("table", *_summary_table(mean, std, n, group, metrics, labels)),
+        ("p", _best_sentence(mean, std, n, group, primary, labels)),
+    ]
     if baseline is not None:
-        blocks += [("h2", f"Difference vs {labels[baseline]}"),
-                   ("table", *_delta_table(mean, n, group, metrics, labels, baseline))]
+        blocks += [
+            ("h2", f"Difference vs {labels[baseline]}"),
+            ("table", *_delta_table(mean, n, group, metrics, labels, baseline)),
+        ]
     blocks += [("h2", "Failed trials"), *_failed_section(trials, group), ("h2", "Plots")]
     blocks += [("img", name, alt, caption) for name, alt, caption, _ in plots]
     if notes:
@@ -145,9 +179,15 @@ def _markdown(blocks) -> str:
             parts.append(args[0])
         elif kind == "table":
             header, rows = args
-            parts.append("\n".join(["| " + " | ".join(map(_cell, header)) + " |",
-                                     "|" + "|".join("---" for _ in header) + "|",
-                                     *("| " + " | ".join(map(_cell, row)) + " |" for row in rows)]))
+            parts.append(
+                "\n".join(
+                    [
+                        "| " + " | ".join(map(_cell, header)) + " |",
+                        "|" + "|".join("---" for _ in header) + "|",
+                        *("| " + " | ".join(map(_cell, row)) + " |" for row in rows),
+                    ]
+                )
+            )
         elif kind == "ul":
             parts.append("\n".join(f"- {item}" for item in args[0]))
         elif kind == "img":
@@ -183,20 +223,28 @@ def _html(title, blocks, pngs) -> str:
             body.append(f"<{kind}>{_inline(args[0])}</{kind}>")
         elif kind == "table":
             header, rows = args
-            body.append("<table><thead><tr>" + "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
-                        + "</tr></thead><tbody>"
-                        + "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
-                        + "</tbody></table>")
+            body.append(
+                "<table><thead><tr>"
+                + "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+                + "</tr></thead><tbody>"
+                + "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+                + "</tbody></table>"
+            )
         elif kind == "ul":
             body.append("<ul>" + "".join(f"<li>{_inline(item)}</li>" for item in args[0]) + "</ul>")
         elif kind == "img":
             name, alt, caption = args
             data = base64.b64encode(pngs[name]).decode("ascii")
-            body.append(f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
-                        f"<figcaption>{_inline(caption)}</figcaption></figure>")
-    return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>\n'
-            f"<style>{STYLE}</style>\n<script>{CHECK_IMAGES}</script></head>\n<body>\n"
-            + "\n".join(body) + "\n</body></html>\n")
+            body.append(
+                f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
+                f"<figcaption>{_inline(caption)}</figcaption></figure>"
+            )
+    return (
+        f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>\n'
+        f"<style>{STYLE}</style>\n<script>{CHECK_IMAGES}</script></head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body></html>\n"
+    )
 
 
 # ---- sections ----------------------------------------------------------------------------
@@ -206,8 +254,10 @@ def _summary_table(mean, std, n, group, metrics, labels):
     """(header, rows): one row per group: label, `mean ± std` per metric, n finished."""
     rows = []
     for g in mean.index:
-        cells = [(_missing(n, g) if math.isnan(mean.at[g, m])
-                  else f"{mean.at[g, m]:.3f} ± {std.at[g, m]:.3f}") for m in metrics]
+        cells = [
+            (_missing(n, g) if math.isnan(mean.at[g, m]) else f"{mean.at[g, m]:.3f} ± {std.at[g, m]:.3f}")
+            for m in metrics
+        ]
         rows.append([labels[g], *cells, str(n[g])])
     return [group, *metrics, "n"], rows
 
@@ -234,8 +284,10 @@ def _best_sentence(mean, std, n, group, primary, labels):
     if col.empty:
         return f"No {group} has a finished trial, so there is no best {group} by `{primary}`."
     best = col.idxmax()
-    return (f"Best {group} by `{primary}`: **{labels[best]}** "
-            f"({mean.at[best, primary]:.3f} ± {std.at[best, primary]:.3f}, n={n[best]}).")
+    return (
+        f"Best {group} by `{primary}`: **{labels[best]}** "
+        f"({mean.at[best, primary]:.3f} ± {std.at[best, primary]:.3f}, n={n[best]})."
+    )
 
 
 def _failed_section(trials, group):
@@ -292,10 +344,22 @@ def _plot(mean, std, n, group, metrics, labels, title):
             ax.bar(xs, mean[m], yerr=std[m], capsize=4, color="tab:blue", alpha=0.8)
         for x, g, v in zip(xs, mean.index, mean[m]):
             if math.isnan(v):  # otherwise an all-failed group just looks missing
-                ax.text(x, 0.02, _missing(n, g), transform=ax.get_xaxis_transform(),
-                        ha="center", color="tab:red" if n[g] == 0 else "grey", fontsize=8)
-        ax.set_xticks(xs, [labels[g] for g in mean.index], rotation=30 if tilt else 0,
-                      ha="right" if tilt else "center", fontsize=8)
+                ax.text(
+                    x,
+                    0.02,
+                    _missing(n, g),
+                    transform=ax.get_xaxis_transform(),
+                    ha="center",
+                    color="tab:red" if n[g] == 0 else "grey",
+                    fontsize=8,
+                )
+        ax.set_xticks(
+            xs,
+            [labels[g] for g in mean.index],
+            rotation=30 if tilt else 0,
+            ha="right" if tilt else "center",
+            fontsize=8,
+        )
         ax.set_xlim(lo - pad, hi + pad)
         ax.set_xlabel(group)
         ax.set_ylabel(m)
@@ -336,8 +400,7 @@ def _curve_plot(trials, curves, group, labels, curve_metrics, title):
         if x in frame.columns:
             # A trial restored from a checkpoint repeats steps; the last value of a step wins.
             frames[tid] = frame.drop_duplicates(x, keep="last").sort_values(x).set_index(x)
-    shown = [m for m in curve_metrics
-             if any(m in f.columns and f[m].notna().sum() >= 2 for f in frames.values())]
+    shown = [m for m in curve_metrics if any(m in f.columns and f[m].notna().sum() >= 2 for f in frames.values())]
     if not shown:
         return None
     groups = sorted(trials[group].unique())
@@ -353,8 +416,16 @@ def _curve_plot(trials, curves, group, labels, curve_metrics, title):
             y = f[m].dropna()
             done = t["status"] == FINISHED
             # an x where a trial stopped, so one that died at its first report still shows
-            ax.plot(y.index, y, color=color[t[group]], linewidth=1, alpha=0.8, linestyle="-" if done else "--",
-                    marker=None if done else "x", markevery=[len(y) - 1])
+            ax.plot(
+                y.index,
+                y,
+                color=color[t[group]],
+                linewidth=1,
+                alpha=0.8,
+                linestyle="-" if done else "--",
+                marker=None if done else "x",
+                markevery=[len(y) - 1],
+            )
         ax.set_xlabel(frames[next(iter(frames))].index.name)
         ax.set_title(m, fontsize=10)
         ax.grid(alpha=0.3)

@@ -81,7 +81,9 @@ class MotoServers:
             port = free_port()
             log = self.log_dir / f"moto-{port}.log"
             with open(log, "wb") as out:
-                proc = subprocess.Popen([self.exe, "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
+                proc = subprocess.Popen(
+                    [self.exe, "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT, env=env
+                )
             self.procs.append(proc)
             endpoint = f"http://127.0.0.1:{port}"
             deadline = time.monotonic() + ready_within
@@ -91,9 +93,14 @@ class MotoServers:
                 time.sleep(0.05)
             if proc.poll() is None:
                 self.stop(proc)
-                pytest.fail(f"moto_server on {endpoint} did not answer within {ready_within:.0f} s; log {log}:\n{log.read_text()[-2000:]}")
+                pytest.fail(
+                    f"moto_server on {endpoint} did not answer within {ready_within:.0f} s; "
+                    f"log {log}:\n{log.read_text()[-2000:]}"
+                )
             if b"in use" not in log.read_bytes():
-                pytest.fail(f"moto_server exited at start (rc {proc.returncode}); log {log}:\n{log.read_text()[-2000:]}")
+                pytest.fail(
+                    f"moto_server exited at start (rc {proc.returncode}); log {log}:\n{log.read_text()[-2000:]}"
+                )
         pytest.fail("moto_server: no free port after 3 tries")
 
     def stop(self, proc):
@@ -130,8 +137,10 @@ def s3_server(request) -> str:
         deadline = time.monotonic() + 10
         while not s3_answers(endpoint):
             if time.monotonic() > deadline:
-                pytest.fail(f"RAYTRAIN_TEST_S3_ENDPOINT={endpoint} does not answer; start it with "
-                            "`eval \"$(bash infra/s3_server.sh)\"` or unset it to let the tests start their own")  # fmt: skip
+                pytest.fail(
+                    f"RAYTRAIN_TEST_S3_ENDPOINT={endpoint} does not answer; start it with "
+                    '`eval "$(bash infra/s3_server.sh)"` or unset it to let the tests start their own'
+                )
             time.sleep(0.2)
         return endpoint
     return request.getfixturevalue("moto_servers").start()
@@ -141,7 +150,14 @@ def make_bucket(endpoint: str, name: str, key: str = TEST_KEY, secret: str = TES
     import pyarrow.fs as pafs
 
     host, scheme = endpoint.split("://", 1)[1], endpoint.split("://", 1)[0]
-    fs = pafs.S3FileSystem(access_key=key, secret_key=secret, region=TEST_REGION, endpoint_override=host, scheme=scheme, allow_bucket_creation=True)
+    fs = pafs.S3FileSystem(
+        access_key=key,
+        secret_key=secret,
+        region=TEST_REGION,
+        endpoint_override=host,
+        scheme=scheme,
+        allow_bucket_creation=True,
+    )
     fs.create_dir(name)
 
 

@@ -2,7 +2,6 @@
 fingerprint mismatches named, per-shard id join, and cached == on-the-fly training."""
 
 import io
-import json
 import math
 import os
 from pathlib import Path
@@ -43,7 +42,9 @@ def dataset(tmp_path):
             images[2] = b"broken"
         if f == 2:
             captions[4] = " "
-        pq.write_table(pa.table({"id": ids, "image": images, "caption": captions}), root / "train" / f"part-{f}.parquet")
+        pq.write_table(
+            pa.table({"id": ids, "image": images, "caption": captions}), root / "train" / f"part-{f}.parquet"
+        )
     return root
 
 
@@ -121,8 +122,17 @@ def test_training_stream_joins_by_id(dataset, tmp_path, ray_local):
 
 def test_cached_and_live_teacher_give_the_same_loss(dataset, tmp_path, ray_local):
     """The rankclip teacher-target loss on a batch: cached outputs vs the teacher run live."""
-    extra = ["loss.order=2", "loss.target=teacher", "model.image.patch=8", "model.image.width=16", "model.image.heads=2",
-             "model.text.width=16", "model.text.heads=2", "model.embed_dim=8", "data.context_length=8"]  # fmt: skip
+    extra = [
+        "loss.order=2",
+        "loss.target=teacher",
+        "model.image.patch=8",
+        "model.image.width=16",
+        "model.image.heads=2",
+        "model.text.width=16",
+        "model.text.heads=2",
+        "model.embed_dim=8",
+        "data.context_length=8",
+    ]
     cached_cfg = config(dataset, tmp_path, "cache.use=true", *extra)
     build_cache(cached_cfg)
     src = prepare(cached_cfg.data)
@@ -146,11 +156,15 @@ def test_sweep_with_and_without_cache_trains_the_same(dataset, tmp_path, ray_loc
     space = tmp_path / "space.yaml"
     space.write_text(
         "name: cache_check\n"
-        "config: {loss: {order: 1, target: teacher, ramp: false}, train: {epochs: 1, batch_size: 6, report_every: 1, eval: false,"
-        " cpus_per_worker: 0.45}, run: {max_concurrent_trials: 1}, model: {image: {patch: 8}}}\n"
+        "config: {loss: {order: 1, target: teacher, ramp: false},"
+        " train: {epochs: 1, batch_size: 6, report_every: 1, eval: false, cpus_per_worker: 0.45},"
+        " run: {max_concurrent_trials: 1}, model: {image: {patch: 8}}}\n"
         "grid: {cache.use: [false, true]}\ngroup: cache.use\nmetrics: [loss, rank]\nprimary: loss\nmode: min\n"
     )
-    report = run_sweep(space, TINY + [f"data.path={dataset}", f"cache.path={tmp_path / 'cache'}", f"run.storage_path={tmp_path / 'runs'}"])
+    report = run_sweep(
+        space,
+        TINY + [f"data.path={dataset}", f"cache.path={tmp_path / 'cache'}", f"run.storage_path={tmp_path / 'runs'}"],
+    )
     trials = __import__("pandas").read_csv(Path(report).parent / "trials.csv")
     assert (trials["status"] == "TERMINATED").all(), trials["error"].tolist()
     live, cached = (trials.loc[trials["use"] == v].iloc[0] for v in (False, True))
@@ -162,8 +176,13 @@ def test_all_three_teachers(dataset, tmp_path, ray_local, monkeypatch):
     """DINOv3, the shipped text teacher (pooled and per token) and an untrained YOLOv8 in
     one build, offline."""
     monkeypatch.setenv("YOLO_CONFIG_DIR", str(tmp_path / "yolo"))
-    cfg = config(dataset, tmp_path, "cache.teachers=[dinov3,text,text_tokens,yolo]", "teachers.yolo.top_k=4",
-                 "teachers.text.max_tokens=6")
+    cfg = config(
+        dataset,
+        tmp_path,
+        "cache.teachers=[dinov3,text,text_tokens,yolo]",
+        "teachers.yolo.top_k=4",
+        "teachers.text.max_tokens=6",
+    )
     manifest = build_cache(cfg)
     shapes = manifest["shapes"]
     assert shapes["text"] == [384] and shapes["yolo_boxes"] == [4, 4] and shapes["yolo_crops"] == [4, 64]

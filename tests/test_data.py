@@ -28,7 +28,11 @@ def write_dataset(root, rows: dict, name="part-0.parquet"):
 
 
 def good_rows(n=6):
-    return {"id": [f"r{i}" for i in range(n)], "image": [png((i * 40, 0, 0)) for i in range(n)], "caption": [f"a red circle {i}" for i in range(n)]}
+    return {
+        "id": [f"r{i}" for i in range(n)],
+        "image": [png((i * 40, 0, 0)) for i in range(n)],
+        "caption": [f"a red circle {i}" for i in range(n)],
+    }
 
 
 def data_cfg(path, **kw):
@@ -64,10 +68,17 @@ def test_decode_and_preprocess_flags_bad_rows():
     assert decode_image(png(size=20), 16).shape == (16, 16, 3)
     assert decode_image(b"garbage", 16) is None and decode_image(None, 16) is None
     tok = WordTokenizer(["a", "red", "circle"])
-    fn = Preprocess(tok, make_config({}, ["data.image_size=16", "data.context_length=8", "data.extra_captions=[short]"]).data)
-    out = fn({"id": np.array(["x", "y", "z", "w"]), "image": np.array([png(), b"bad", png(), b"bad"], dtype=object),
-              "caption": np.array(["a red circle", "a red circle", "  ", None], dtype=object),
-              "short": np.array(["circle", "red", "", "a"], dtype=object)})  # fmt: skip
+    fn = Preprocess(
+        tok, make_config({}, ["data.image_size=16", "data.context_length=8", "data.extra_captions=[short]"]).data
+    )
+    out = fn(
+        {
+            "id": np.array(["x", "y", "z", "w"]),
+            "image": np.array([png(), b"bad", png(), b"bad"], dtype=object),
+            "caption": np.array(["a red circle", "a red circle", "  ", None], dtype=object),
+            "short": np.array(["circle", "red", "", "a"], dtype=object),
+        }
+    )
     assert out["tokens_short"].tolist()[0] == [1, 6, 2, 0, 0, 0, 0, 0]
     assert out["pixels"].shape == (4, 3, 16, 16) and out["pixels"].dtype == np.float32
     assert out["bad_image"].tolist() == [False, True, False, True]

@@ -20,9 +20,21 @@ from raytrain.models.meta_teacher import MetaTeacher, temperature_pool
 from raytrain.train import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["model.image.width=16", "model.image.heads=2", "model.image.patch=8", "model.text.width=16", "model.text.heads=2",
-        "model.embed_dim=8", "data.image_size=16", "data.context_length=6", "teachers.dinov3.image_size=16",
-        "teachers.dinov3.grid=2", "cache.use=true", "cache.teachers=[dinov3,text,text_tokens,yolo]", "dclip.meta.heads=4"]  # fmt: skip
+TINY = [
+    "model.image.width=16",
+    "model.image.heads=2",
+    "model.image.patch=8",
+    "model.text.width=16",
+    "model.text.heads=2",
+    "model.embed_dim=8",
+    "data.image_size=16",
+    "data.context_length=6",
+    "teachers.dinov3.image_size=16",
+    "teachers.dinov3.grid=2",
+    "cache.use=true",
+    "cache.teachers=[dinov3,text,text_tokens,yolo]",
+    "dclip.meta.heads=4",
+]
 
 
 def batch(n=6, k=3, length=5):
@@ -61,8 +73,12 @@ def phase1_checkpoint(tmp_path) -> str:
 
 
 def small_meta(mode="bidirectional", clusters=1, weights=(1 / 3, 1 / 3, 1 / 3)):
-    cfg = config(f"dclip.meta.cross_attention={mode}", f"dclip.meta.clusters={clusters}", "dclip.meta.heads=2",
-                 f"dclip.meta.region_weights=[{','.join(map(str, weights))}]").dclip.meta  # fmt: skip
+    cfg = config(
+        f"dclip.meta.cross_attention={mode}",
+        f"dclip.meta.clusters={clusters}",
+        "dclip.meta.heads=2",
+        f"dclip.meta.region_weights=[{','.join(map(str, weights))}]",
+    ).dclip.meta
     torch.manual_seed(0)
     return MetaTeacher(cfg, image_dim=6, text_dim=8).eval()
 
@@ -70,11 +86,15 @@ def small_meta(mode="bidirectional", clusters=1, weights=(1 / 3, 1 / 3, 1 / 3)):
 def small_inputs(b=2, k=3, length=4):
     g = torch.Generator().manual_seed(2)
     return dict(
-        image=torch.randn(b, 6, generator=g), regions=torch.randn(b, k, 6, generator=g),
-        valid=torch.tensor([[True, False, True], [False, False, False]]), tokens=torch.randn(b, length, 8, generator=g),
-        token_mask=torch.tensor([[1.0, 1, 1, 0], [1, 0, 0, 0]]), text=F.normalize(torch.randn(b, 8, generator=g), dim=-1),
-        conf=torch.rand(b, k, generator=g), area=torch.rand(b, k, generator=g),
-    )  # fmt: skip
+        image=torch.randn(b, 6, generator=g),
+        regions=torch.randn(b, k, 6, generator=g),
+        valid=torch.tensor([[True, False, True], [False, False, False]]),
+        tokens=torch.randn(b, length, 8, generator=g),
+        token_mask=torch.tensor([[1.0, 1, 1, 0], [1, 0, 0, 0]]),
+        text=F.normalize(torch.randn(b, 8, generator=g), dim=-1),
+        conf=torch.rand(b, k, generator=g),
+        area=torch.rand(b, k, generator=g),
+    )
 
 
 # ---------------------------------------------------------------- meta-teacher parts
@@ -84,9 +104,13 @@ def test_temperature_pool_hand_computed():
     x = torch.tensor([[[1.0, 0.0], [0.0, 2.0], [5.0, 5.0]]])
     valid = torch.tensor([[True, True, False]])  # the third token is padding
     s = math.e / (1 + math.e)  # softmax([1, 0]): cosines 1 and 0 at τ = 1
-    torch.testing.assert_close(temperature_pool(x, valid, torch.tensor([[3.0, 0.0]]), 1.0), torch.tensor([[s, 2 * (1 - s)]]))
+    torch.testing.assert_close(
+        temperature_pool(x, valid, torch.tensor([[3.0, 0.0]]), 1.0), torch.tensor([[s, 2 * (1 - s)]])
+    )
     s2 = math.exp(2) / (1 + math.exp(2))  # τ = 0.5 doubles the logits
-    torch.testing.assert_close(temperature_pool(x, valid, torch.tensor([[1.0, 0.0]]), 0.5), torch.tensor([[s2, 2 * (1 - s2)]]))
+    torch.testing.assert_close(
+        temperature_pool(x, valid, torch.tensor([[1.0, 0.0]]), 0.5), torch.tensor([[s2, 2 * (1 - s2)]])
+    )
     # two clusters, their pools averaged: (s, 2(1−s)) and (1−s, 2s) → (½, 1)
     two = temperature_pool(x, valid, torch.tensor([[1.0, 0.0], [0.0, 1.0]]), 1.0)
     torch.testing.assert_close(two, torch.tensor([[0.5, 1.0]]))
@@ -117,8 +141,11 @@ def test_meta_teacher_shapes_and_masks(mode):
     out = meta(**x)
     assert out.shape == (2, 8) and torch.isfinite(out).all() and torch.allclose(out.norm(dim=-1), torch.ones(2))
     # what the masks hide does not matter: invalid regions (all of sample 1's) and padded tokens
-    hidden = dict(x, regions=torch.where(x["valid"][..., None], x["regions"], 100.0),
-                  tokens=torch.where(x["token_mask"][..., None] > 0, x["tokens"], -100.0))  # fmt: skip
+    hidden = dict(
+        x,
+        regions=torch.where(x["valid"][..., None], x["regions"], 100.0),
+        tokens=torch.where(x["token_mask"][..., None] > 0, x["tokens"], -100.0),
+    )
     torch.testing.assert_close(meta(**hidden), out)
 
 
@@ -136,7 +163,11 @@ def test_cross_attention_modes_change_what_they_say():
     t, t_ok = x["tokens"], x["token_mask"].bool()
     # text_to_regions: the regions do not attend, the text does; bidirectional: both do
     pooled, ok = small_meta("text_to_regions").attend(v, v_ok, t, t_ok)
-    assert torch.equal(pooled[:, :4], v) and not torch.allclose(pooled[:, 4:], t) and torch.equal(ok, torch.cat([v_ok, t_ok], 1))
+    assert (
+        torch.equal(pooled[:, :4], v)
+        and not torch.allclose(pooled[:, 4:], t)
+        and torch.equal(ok, torch.cat([v_ok, t_ok], 1))
+    )
     assert not torch.allclose(small_meta("bidirectional").attend(v, v_ok, t, t_ok)[0][:, :4], v)
     # average (No Bidir): hand-computed masked means
     avg, _ = small_meta("average").attend(v, v_ok, t, t_ok)
@@ -188,7 +219,9 @@ def test_phase1_is_infonce_of_the_meta_teacher_against_the_text():
 
 def test_phase2_teachers_are_frozen_and_not_saved(tmp_path):
     path = phase1_checkpoint(tmp_path)
-    method = build(f"dclip.teacher_checkpoint={path}", "dclip.anchor_weight=0.5", "dclip.distill_weight=2", "method=dclip")
+    method = build(
+        f"dclip.teacher_checkpoint={path}", "dclip.anchor_weight=0.5", "dclip.distill_weight=2", "method=dclip"
+    )
     saved, _ = checkpoint.load(path)
     for k, v in method.teacher["meta"].state_dict().items():
         assert torch.equal(v, saved["engine"]["model"][f"meta.{k}"]), k  # loaded from phase 1
@@ -197,8 +230,16 @@ def test_phase2_teachers_are_frozen_and_not_saved(tmp_path):
     assert logs["anchor"].item() == pytest.approx(0, abs=1e-6)  # the anchor is the phase-start encoder
     f = method.student.image(b["pixels"])[0]
     u = F.normalize(method.image_proj(f), dim=-1)
-    want, _ = dclip_student_loss(u, b["text"], method.student.logit_scale(), meta_embedding(method.teacher["meta"], b, "yolo"), 2.0,
-                                 f, method.teacher["anchor"](b["pixels"])[0], 0.5)  # fmt: skip
+    want, _ = dclip_student_loss(
+        u,
+        b["text"],
+        method.student.logit_scale(),
+        meta_embedding(method.teacher["meta"], b, "yolo"),
+        2.0,
+        f,
+        method.teacher["anchor"](b["pixels"])[0],
+        0.5,
+    )
     assert loss.item() == pytest.approx(want.item(), rel=1e-6)
     loss.backward()
     assert all(not p.requires_grad and p.grad is None for p in method.teacher.parameters())
@@ -216,7 +257,9 @@ def test_phase2_starts_from_a_given_checkpoint(tmp_path):
     with torch.no_grad():
         clip.student.image.head.weight.add_(1.0)
     checkpoint.save(tmp_path / "clip", {"engine": {"model": clip.state_dict()}}, cfg)
-    method = build("method=dclip", "dclip.distill=false", "dclip.anchor_weight=1", f"dclip.init_checkpoint={tmp_path / 'clip'}")
+    method = build(
+        "method=dclip", "dclip.distill=false", "dclip.anchor_weight=1", f"dclip.init_checkpoint={tmp_path / 'clip'}"
+    )
     for (n, a), b in zip(clip.student.state_dict().items(), method.student.state_dict().values()):
         assert torch.equal(a, b), n
     assert torch.equal(method.teacher["anchor"].head.weight, clip.student.image.head.weight)
@@ -228,14 +271,18 @@ def test_phase2_refuses_a_missing_or_mismatched_teacher(tmp_path):
     with pytest.raises(FileNotFoundError, match="is not a raytrain checkpoint directory"):
         build("method=dclip", f"dclip.teacher_checkpoint={tmp_path / 'nothing'}")
     path = phase1_checkpoint(tmp_path)
-    with pytest.raises(ValueError, match="dclip.meta.cross_attention: checkpoint has 'bidirectional', config wants 'none'"):
+    with pytest.raises(
+        ValueError, match="dclip.meta.cross_attention: checkpoint has 'bidirectional', config wants 'none'"
+    ):
         build("method=dclip", f"dclip.teacher_checkpoint={path}", "dclip.meta.cross_attention=none")
 
 
 def test_requirements_are_checked():
     with pytest.raises(ConfigError, match="put dinov3, text, text_tokens, yolo in cache.teachers"):
         config("method=dclip", "cache.teachers=[dinov3,text,text_tokens]")
-    config("method=dclip", "cache.teachers=[dinov3,text,text_tokens]", "dclip.meta.regions=grid")  # No YOLO needs no YOLO
+    config(
+        "method=dclip", "cache.teachers=[dinov3,text,text_tokens]", "dclip.meta.regions=grid"
+    )  # No YOLO needs no YOLO
     config("method=dclip", "cache.teachers=[text]", "dclip.distill=false")  # No Teacher: the text teacher alone
     with pytest.raises(ConfigError, match="dclip_meta .* has no evaluation"):
         config("method=dclip_meta")
@@ -259,7 +306,9 @@ def test_no_teacher_is_plain_infonce_fine_tuning():
     method = build("method=dclip", "dclip.distill=false")
     b = batch()
     loss, logs = method(b, 1.0)
-    assert len(method.teacher) == 0 and DCLIP.preceding_stage(method.cfg) is None and set(logs) == {"clip", "logit_scale"}
+    assert (
+        len(method.teacher) == 0 and DCLIP.preceding_stage(method.cfg) is None and set(logs) == {"clip", "logit_scale"}
+    )
     plain = clip_loss(method.encode_images(b["pixels"]), b["text"], method.student.logit_scale())
     assert loss.item() == pytest.approx(plain.item(), rel=1e-6)
 
@@ -269,7 +318,9 @@ def test_ablation_rows_change_only_what_they_switch(tmp_path):
     and both phases start from the full model's weights except for the parts switched."""
     from raytrain.tune.sweep import load_space, trial_overrides
 
-    space, base, _ = load_space(ROOT / "tune_spaces/dclip_ablations.yaml", ["grid.seed=[0]", "teachers.dinov3.path=null"])
+    space, base, _ = load_space(
+        ROOT / "tune_spaces/dclip_ablations.yaml", ["grid.seed=[0]", "teachers.dinov3.path=null"]
+    )
     rows = {}
     for variant in space.variants:
         cfg = trial_overrides({"variant": variant, "seed": 0}, space.variants, base)
@@ -308,11 +359,13 @@ def test_two_phases_run_as_one_trial(tmp_path, ray_local, monkeypatch):
     space = tmp_path / "space.yaml"
     space.write_text(
         "name: dclip_check\n"
-        "config: {method: dclip, data: {n_train: 32, n_eval: 16}, teachers: {text: {max_tokens: 8}, yolo: {top_k: 2}},\n"
+        "config: {method: dclip, data: {n_train: 32, n_eval: 16},\n"
+        "  teachers: {text: {max_tokens: 8}, yolo: {top_k: 2}},\n"
         "  cache: {use: true, teachers: [dinov3, text, text_tokens, yolo], batch_size: 32},\n"
         "  model: {image: {width: 16, heads: 2, patch: 8}, text: {width: 16, heads: 2}, embed_dim: 8},\n"
         "  dclip: {teacher_epochs: 2, meta: {heads: 4}},\n"
-        "  train: {epochs: 1, batch_size: 16, report_every: 2, cpus_per_worker: 0.45}, run: {max_concurrent_trials: 1}}\n"
+        "  train: {epochs: 1, batch_size: 16, report_every: 2, cpus_per_worker: 0.45},\n"
+        "  run: {max_concurrent_trials: 1}}\n"
         "grid: {seed: [0]}\ngroup: seed\nmetrics: [mean_r@1, distill]\nprimary: mean_r@1\n"
     )
     report = run_sweep(space, [f"data.root={tmp_path / 'data'}", f"run.storage_path={tmp_path / 'runs'}"])
@@ -323,9 +376,13 @@ def test_two_phases_run_as_one_trial(tmp_path, ray_local, monkeypatch):
     phase1 = [d for d in runs.iterdir() if d.name.endswith("-dclip_meta")]
     main = [d for d in runs.iterdir() if d.is_dir() and not d.name.endswith("-dclip_meta")]
     assert len(phase1) == len(main) == 1
-    teacher = json.loads(sorted(main[0].glob("checkpoint_*/config.json"))[-1].read_text())["config"]["dclip"]["teacher_checkpoint"]
+    teacher = json.loads(sorted(main[0].glob("checkpoint_*/config.json"))[-1].read_text())["config"]["dclip"][
+        "teacher_checkpoint"
+    ]
     assert Path(teacher).parent == phase1[0] and (Path(teacher) / "model.pt").is_file()
     phase1_config = json.loads((Path(teacher) / "config.json").read_text())["config"]
     assert phase1_config["method"] == "dclip_meta" and phase1_config["train"]["epochs"] == 2
     progress = pd.read_csv(next(Path(report).parent.glob("*/progress.csv")))  # Tune saw phase 2's reports alone
-    assert {"distill", "mean_r@1"} <= set(progress.columns) and not any(c.startswith("dclip_meta") for c in progress.columns)
+    assert {"distill", "mean_r@1"} <= set(progress.columns) and not any(
+        c.startswith("dclip_meta") for c in progress.columns
+    )

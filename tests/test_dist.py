@@ -12,9 +12,19 @@ from torch.nn.parallel import DistributedDataParallel
 from raytrain.config import make_config
 from raytrain.methods import build_method
 
-OVERRIDES = ["loss.order=3", "loss.depth=4", "loss.ramp=false", "model.image.width=16", "model.image.heads=2",
-             "model.image.patch=8", "model.text.width=16", "model.text.heads=2", "model.embed_dim=8",
-             "data.image_size=16", "data.context_length=6"]  # fmt: skip
+OVERRIDES = [
+    "loss.order=3",
+    "loss.depth=4",
+    "loss.ramp=false",
+    "model.image.width=16",
+    "model.image.heads=2",
+    "model.image.patch=8",
+    "model.text.width=16",
+    "model.text.heads=2",
+    "model.embed_dim=8",
+    "data.image_size=16",
+    "data.context_length=6",
+]
 
 
 def batch(n):
@@ -39,7 +49,9 @@ def worker(rank, port, splits, queue):
     lo = sum(splits[:rank])
     loss, _ = model({k: v[lo : lo + splits[rank]] for k, v in full.items()}, 2.0)
     loss.backward()
-    queue.put((rank, loss.item(), {n: p.grad.numpy().copy() for n, p in method.named_parameters() if p.grad is not None}))
+    queue.put(
+        (rank, loss.item(), {n: p.grad.numpy().copy() for n, p in method.named_parameters() if p.grad is not None})
+    )
     dist.destroy_process_group()
 
 

@@ -31,10 +31,21 @@ def cluster(tmp_path, no_inprocess_ray):
     env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{bin_dir}:{os.environ['PATH']}"}
     gcs, dash = free_port(), free_port()
     subprocess.run(
-        [bin_dir / "ray", "start", "--head", f"--port={gcs}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-         "--num-cpus=2", "--disable-usage-stats"],
-        env=env, check=True, capture_output=True, timeout=120,
-    )  # fmt: skip
+        [
+            bin_dir / "ray",
+            "start",
+            "--head",
+            f"--port={gcs}",
+            "--dashboard-host=127.0.0.1",
+            f"--dashboard-port={dash}",
+            "--num-cpus=2",
+            "--disable-usage-stats",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     try:
         yield env, f"http://127.0.0.1:{dash}"
     finally:
@@ -47,11 +58,29 @@ def test_order_sweep_through_ray_job_submit(cluster, tmp_path):
     work = tmp_path / "work"  # the job's working dir: the project without its virtualenv
     shutil.copytree(ROOT, work, ignore=shutil.ignore_patterns(".venv", ".git", "results", "__pycache__"))
     cmd = [
-        Path(sys.executable).parent / "ray", "job", "submit", "--address", address, "--working-dir", str(work), "--",
-        "python", "jobs/order_sweep.py", "grid.loss.order=[0,1,3]", "grid.seed=[0]", "grid.train.num_workers=[1,2]",
-        "data.n_train=256", "data.n_eval=32", "run.max_concurrent_trials=1", "train.epochs=1", "train.batch_size=64", "train.report_every=2",
-        f"data.root={tmp_path / 'data'}", f"run.storage_path={results}", "run.wandb=true",
-    ]  # fmt: skip
+        Path(sys.executable).parent / "ray",
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(work),
+        "--",
+        "python",
+        "jobs/order_sweep.py",
+        "grid.loss.order=[0,1,3]",
+        "grid.seed=[0]",
+        "grid.train.num_workers=[1,2]",
+        "data.n_train=256",
+        "data.n_eval=32",
+        "run.max_concurrent_trials=1",
+        "train.epochs=1",
+        "train.batch_size=64",
+        "train.report_every=2",
+        f"data.root={tmp_path / 'data'}",
+        f"run.storage_path={results}",
+        "run.wandb=true",
+    ]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-5000:]

@@ -12,13 +12,34 @@ from raytrain.teachers.embedded import ensure_teacher, labels, scene_labels
 
 def test_scene_labels_name_what_is_in_the_scene():
     index = {n: i for i, n in enumerate(labels())}
-    scene = {"background": "grey", "objects": [
-        {"shape": "circle", "color": "red", "size": "large", "texture": "striped", "x": 0.2, "y": 0.9},
-        {"shape": "square", "color": "blue", "size": "small", "texture": "solid", "x": 0.5, "y": 0.5}]}  # fmt: skip
+    scene = {
+        "background": "grey",
+        "objects": [
+            {"shape": "circle", "color": "red", "size": "large", "texture": "striped", "x": 0.2, "y": 0.9},
+            {"shape": "square", "color": "blue", "size": "small", "texture": "solid", "x": 0.5, "y": 0.5},
+        ],
+    }
     got = {n for n, i in index.items() if scene_labels(scene, index)[i]}
-    assert got == {"grey background", "2 objects",
-                   "red circle", "red", "circle", "striped", "large", "large circle", "striped circle", "red at 2,0",
-                   "blue square", "blue", "square", "solid", "small", "small square", "solid square", "blue at 1,1"}  # fmt: skip
+    assert got == {
+        "grey background",
+        "2 objects",
+        "red circle",
+        "red",
+        "circle",
+        "striped",
+        "large",
+        "large circle",
+        "striped circle",
+        "red at 2,0",
+        "blue square",
+        "blue",
+        "square",
+        "solid",
+        "small",
+        "small square",
+        "solid square",
+        "blue at 1,1",
+    }
 
 
 def test_trained_once_deterministic_and_loaded_by_config(tmp_path, monkeypatch):

@@ -25,9 +25,17 @@ import torch
 from raytrain.config import make_config
 from raytrain.train.engine import DDPEngine, build_engine, deepspeed_config
 
-TINY = ["model.image.width=16", "model.image.heads=2", "model.image.patch=8", "model.text.width=16",
-        "model.text.heads=2", "model.embed_dim=8", "data.image_size=16", "data.context_length=6",
-        "teachers.dinov3.image_size=16"]  # fmt: skip
+TINY = [
+    "model.image.width=16",
+    "model.image.heads=2",
+    "model.image.patch=8",
+    "model.text.width=16",
+    "model.text.heads=2",
+    "model.embed_dim=8",
+    "data.image_size=16",
+    "data.context_length=6",
+    "teachers.dinov3.image_size=16",
+]
 BASE = TINY + ["train.engine=deepspeed", "train.batch_size=8", "optim.warmup_steps=2"]
 TOTAL_STEPS = 100  # LR schedule length: the ~10 test steps stay near the peak LR
 DDP_RTOL, DDP_ATOL = 1e-5, 1e-6  # DDP vs DeepSpeed ZeRO-0 fp32: losses and grad norms
@@ -60,23 +68,34 @@ def test_config_keys(stage, precision):
     assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * ds["gradient_accumulation_steps"] * 2
 
 
-@pytest.mark.parametrize("batch,world,accum,micro", [(8, 1, 1, 8), (64, 2, 4, 8), (96, 4, 3, 8), (12, 3, 2, 2), (128, 8, 16, 1)])
+@pytest.mark.parametrize(
+    "batch,world,accum,micro", [(8, 1, 1, 8), (64, 2, 4, 8), (96, 4, 3, 8), (12, 3, 2, 2), (128, 8, 16, 1)]
+)
 def test_config_batch_arithmetic(batch, world, accum, micro):
     cfg = config(f"train.batch_size={batch}", f"train.deepspeed.grad_accumulation={accum}")
     ds = deepspeed_config(cfg, world)
-    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (batch, micro, accum)
+    assert (ds["train_batch_size"], ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"]) == (
+        batch,
+        micro,
+        accum,
+    )
 
 
 @pytest.mark.parametrize("batch,world,accum", [(12, 2, 4), (8, 3, 1), (10, 1, 4), (16, 4, 8)])
 def test_config_rejects_batch_not_divisible(batch, world, accum):
     cfg = config(f"train.batch_size={batch}", f"train.deepspeed.grad_accumulation={accum}")
-    with pytest.raises(ValueError, match=rf"train\.batch_size {batch} .*world_size {world} .*train\.deepspeed\.grad_accumulation {accum}"):
+    with pytest.raises(
+        ValueError,
+        match=rf"train\.batch_size {batch} .*world_size {world} .*train\.deepspeed\.grad_accumulation {accum}",
+    ):
         deepspeed_config(cfg, world)
 
 
 def test_config_offload_and_clipping():
     for stage in (1, 2, 3):
-        ds = deepspeed_config(config(f"train.deepspeed.zero_stage={stage}", "train.deepspeed.offload_optimizer=true"), 1)
+        ds = deepspeed_config(
+            config(f"train.deepspeed.zero_stage={stage}", "train.deepspeed.offload_optimizer=true"), 1
+        )
         assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
         assert ds["zero_force_ds_cpu_optimizer"] is False  # our torch optimizer steps the offloaded states
     with pytest.raises(ValueError, match=r"train\.deepspeed\.offload_optimizer.*train\.deepspeed\.zero_stage"):
@@ -133,7 +152,9 @@ def test_loop_splits_a_step_into_accumulation_micro_batches():
 
 
 def _init_worker(port: int, backend: str, hide_cuda: bool) -> None:
-    os.environ.update(LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    os.environ.update(
+        LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
     if hide_cuda:  # the CPU tests stay on the CPU on GPU machines too
         os.environ["DS_ACCELERATOR"] = "cpu"
@@ -168,7 +189,11 @@ def _warm() -> float:
 
 def _train(engine_name: str, stage: int, precision: str, steps: int = 10, device: str = "cpu") -> dict:
     t0 = time.perf_counter()
-    overrides = [f"train.engine={engine_name}", f"train.deepspeed.zero_stage={stage}", f"train.deepspeed.precision={precision}"]
+    overrides = [
+        f"train.engine={engine_name}",
+        f"train.deepspeed.zero_stage={stage}",
+        f"train.deepspeed.precision={precision}",
+    ]
     engine, cfg = _engine(overrides, device=device)
     init_s = time.perf_counter() - t0
     seen = {}
@@ -185,9 +210,12 @@ def _train(engine_name: str, stage: int, precision: str, steps: int = 10, device
         out["norms"].append(stats["grad_norm"])
         logs_finite &= all(math.isfinite(float(v)) for v in logs.values())
     out.update(
-        init_s=init_s, logs_finite=logs_finite, param_dtype=next(engine.module.parameters()).dtype,
-        input_dtypes=seen, expected_lrs=[cfg.optim.lr * cfg.optim.lr_at(i + 1, TOTAL_STEPS) for i in range(steps)],
-    )  # fmt: skip
+        init_s=init_s,
+        logs_finite=logs_finite,
+        param_dtype=next(engine.module.parameters()).dtype,
+        input_dtypes=seen,
+        expected_lrs=[cfg.optim.lr * cfg.optim.lr_at(i + 1, TOTAL_STEPS) for i in range(steps)],
+    )
     return out
 
 
@@ -201,15 +229,23 @@ def _initialize_error(precision: str) -> str:
 
 def _accumulate() -> dict:
     """ZeRO-1 fp32, batch 8 = 1 rank × 2 accumulation × micro 4: 4 micro-steps, 2 optimizer steps."""
-    engine, cfg = _engine(["train.deepspeed.zero_stage=1", "train.deepspeed.precision=fp32", "train.deepspeed.grad_accumulation=2"])
+    engine, cfg = _engine(
+        ["train.deepspeed.zero_stage=1", "train.deepspeed.precision=fp32", "train.deepspeed.grad_accumulation=2"]
+    )
     batch = {k: v[:4] for k, v in _batch().items()}
     lrs, steps, hooks = [], [], []
     engine.module.after_step = lambda: hooks.append(engine.global_steps)  # e.g. an EMA teacher's update
     for _ in range(4):
         lrs.append(engine.step(engine(batch, 3.0)[0])["lr"])
         steps.append(engine.global_steps)
-    return {"lrs": lrs, "steps": steps, "micro": engine.micro_batch_size, "accumulation": engine.accumulation,
-            "expected": [cfg.optim.lr * cfg.optim.lr_at(s, TOTAL_STEPS) for s in steps], "hooks": hooks}  # fmt: skip
+    return {
+        "lrs": lrs,
+        "steps": steps,
+        "micro": engine.micro_batch_size,
+        "accumulation": engine.accumulation,
+        "expected": [cfg.optim.lr * cfg.optim.lr_at(s, TOTAL_STEPS) for s in steps],
+        "hooks": hooks,
+    }
 
 
 def _params(engine) -> dict[str, torch.Tensor]:
@@ -254,18 +290,25 @@ def _round_trip(stage: int, precision: str, directory: str, device: str = "cpu")
         "differed_before": differed_before,
         "params_diff": _same(_params(a), _params(b)),
         "fp32_diff": _same(state["model"], b_state["model"]),
-        "optim_diff": [i for i, (x, y) in enumerate(zip(_optimizer_state(a), _optimizer_state(b), strict=True)) if _same(x, y)],
+        "optim_diff": [
+            i for i, (x, y) in enumerate(zip(_optimizer_state(a), _optimizer_state(b), strict=True)) if _same(x, y)
+        ],
         "global_steps": (a.global_steps, b.global_steps),
         "lr": (a.scheduler.get_last_lr(), b.scheduler.get_last_lr()),
         "fp32_dtypes": {v.dtype for v in state["model"].values()},
         "param_dtype": next(a.module.parameters()).dtype,
-        "save_s": save_s, "load_s": load_s,
-    }  # fmt: skip
+        "save_s": save_s,
+        "load_s": load_s,
+    }
     c, _ = _engine(overrides, seed=2, device=device)
     c.load_state_dict(state)
     out["c_fp32_diff"] = _same(state["model"], c.state_dict()["model"])
     out["c_params_diff"] = _same(_params(a), _params(c))
-    out["c_steps_lr"] = (c.global_steps, c.scheduler.get_last_lr(), [g["lr"] for g in c.scheduler.optimizer.param_groups])
+    out["c_steps_lr"] = (
+        c.global_steps,
+        c.scheduler.get_last_lr(),
+        [g["lr"] for g in c.scheduler.optimizer.param_groups],
+    )
     # the next step: identical losses and parameters only if optimizer moments came back too
     la, lb, lc = a(batch, 3.0)[0], b(batch, 3.0)[0], c(batch, 3.0)[0]
     a.step(la), b.step(lb)
@@ -289,7 +332,9 @@ class _Worker:
 
     def __init__(self, backend: str, hide_cuda: bool):
         ctx = multiprocessing.get_context("spawn")
-        self.pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=ctx, initializer=_init_worker, initargs=(_free_port(), backend, hide_cuda))
+        self.pool = concurrent.futures.ProcessPoolExecutor(
+            1, mp_context=ctx, initializer=_init_worker, initargs=(_free_port(), backend, hide_cuda)
+        )
 
     def __call__(self, fn, *args, timeout: float = 180):
         return self.pool.submit(fn, *args).result(timeout=timeout)
@@ -308,8 +353,10 @@ def cpu_worker():
     worker = _Worker("gloo", hide_cuda=True)
     t = time.perf_counter()
     first_engine_s = worker(_warm, timeout=400)  # the shm_comm compile, once per machine
-    print(f"\nfirst DeepSpeed engine (incl. worker start, shm_comm compile if not cached): {first_engine_s:.1f}s, "
-          f"worker ready {time.perf_counter() - t:.1f}s")  # fmt: skip
+    print(
+        f"\nfirst DeepSpeed engine (incl. worker start, shm_comm compile if not cached): {first_engine_s:.1f}s, "
+        f"worker ready {time.perf_counter() - t:.1f}s"
+    )
     yield worker
     worker.close()
 
@@ -325,9 +372,14 @@ def _assert_trains(run, dtype):
     assert run["logs_finite"]
     assert losses[-1] < losses[0] and statistics.mean(losses[-3:]) < statistics.mean(losses[:3]), losses
     assert all(n > 0 for n in run["norms"])
-    assert run["lrs"] == pytest.approx(run["expected_lrs"], rel=1e-9)  # our warmup+cosine LambdaLR, stepped by DeepSpeed
+    assert run["lrs"] == pytest.approx(
+        run["expected_lrs"], rel=1e-9
+    )  # our warmup+cosine LambdaLR, stepped by DeepSpeed
     assert run["param_dtype"] == dtype
-    print(f"\ninit {run['init_s']:.2f}s, median step {statistics.median(run['step_s']) * 1e3:.1f} ms, losses {losses[0]:.3f} -> {losses[-1]:.3f}")
+    print(
+        f"\ninit {run['init_s']:.2f}s, median step {statistics.median(run['step_s']) * 1e3:.1f} ms, "
+        f"losses {losses[0]:.3f} -> {losses[-1]:.3f}"
+    )
 
 
 def test_zero2_bf16_trains(cpu_worker):
@@ -356,7 +408,11 @@ def test_initialize_failure_is_explicit(cpu_worker):
     if torch.cuda.is_available():
         pytest.skip("fp16 is supported on GPUs")
     message = cpu_worker(_initialize_error, "fp16")  # DeepSpeed's CPU accelerator has no fp16
-    assert "deepspeed.initialize failed" in message and "'precision': 'fp16'" in message and "fp16 is not supported" in message
+    assert (
+        "deepspeed.initialize failed" in message
+        and "'precision': 'fp16'" in message
+        and "fp16 is not supported" in message
+    )
 
 
 def test_gradient_accumulation(cpu_worker):

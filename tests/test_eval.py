@@ -35,11 +35,10 @@ def naive(sim, pos, ks):
 
 # --- retrieval -------------------------------------------------------------------------
 
+
 def test_retrieval_hand_computed():
     # diagonal positives ranked 1, 3, 2
-    sim = np.array([[0.9, 0.5, 0.1],
-                    [0.8, 0.3, 0.6],
-                    [0.2, 0.7, 0.4]])
+    sim = np.array([[0.9, 0.5, 0.1], [0.8, 0.3, 0.6], [0.2, 0.7, 0.4]])
     m = retrieval_metrics(sim, ks=(1, 2, 3))
     assert m == pytest.approx({"r@1": 1 / 3, "r@2": 2 / 3, "r@3": 1.0, "map": (1 + 1 / 3 + 1 / 2) / 3})
     assert all(type(v) is float for v in m.values())
@@ -52,10 +51,8 @@ def test_retrieval_default_keys_and_k_beyond_candidates():
 
 def test_retrieval_multi_positive():
     # image 0 owns captions 0-2, image 1 owns caption 3; image 0 finds caption 1 first
-    sim = np.array([[0.1, 0.9, 0.2, 0.5],
-                    [0.3, 0.1, 0.2, 0.0]])
-    pos = np.array([[1, 1, 1, 0],
-                    [0, 0, 0, 1]], dtype=bool)
+    sim = np.array([[0.1, 0.9, 0.2, 0.5], [0.3, 0.1, 0.2, 0.0]])
+    pos = np.array([[1, 1, 1, 0], [0, 0, 0, 1]], dtype=bool)
     m = retrieval_metrics(sim, ks=(1, 4), positives=pos)
     ap0 = (1 / 1 + 2 / 3 + 3 / 4) / 3  # positives at ranks 1, 3, 4
     assert m == pytest.approx({"r@1": 0.5, "r@4": 1.0, "map": (ap0 + 1 / 4) / 2})
@@ -103,19 +100,23 @@ def test_retrieval_chunking_is_invisible():
             assert retrieval_metrics(sim, positives=p, chunk=chunk) == pytest.approx(ref, abs=1e-12)
 
 
-@pytest.mark.parametrize("sim, pos, match", [
-    (np.zeros(3), None, "sim must be 2-D"),
-    (np.zeros((4, 3)), None, "queries <= candidates"),
-    (np.zeros((2, 3)), np.ones((3, 2), bool), "positives shape"),
-    (np.zeros((2, 3)), np.array([[1, 0, 0], [0, 0, 0]], bool), "no positive"),
-    (np.array([[np.nan, 0.0]]), None, "NaN"),
-])
+@pytest.mark.parametrize(
+    "sim, pos, match",
+    [
+        (np.zeros(3), None, "sim must be 2-D"),
+        (np.zeros((4, 3)), None, "queries <= candidates"),
+        (np.zeros((2, 3)), np.ones((3, 2), bool), "positives shape"),
+        (np.zeros((2, 3)), np.array([[1, 0, 0], [0, 0, 0]], bool), "no positive"),
+        (np.array([[np.nan, 0.0]]), None, "NaN"),
+    ],
+)
 def test_retrieval_errors(sim, pos, match):
     with pytest.raises(ValueError, match=match):
         retrieval_metrics(sim, positives=pos)
 
 
 # --- zero-shot -------------------------------------------------------------------------
+
 
 def test_zeroshot_one_hot_classes():
     cls = torch.eye(3)
@@ -138,6 +139,7 @@ def _hash_text(d=16):
             g = torch.Generator().manual_seed(zlib.crc32(t.encode()))
             rows.append(torch.randn(d, generator=g) * (1 + len(t)))  # unnormalized on purpose
         return torch.stack(rows)
+
     return enc
 
 
@@ -166,6 +168,7 @@ def test_class_embeddings_chunks_prompts():
 
 
 # --- probes ----------------------------------------------------------------------------
+
 
 def test_binding_accuracy():
     img = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
@@ -199,8 +202,14 @@ def test_modality_gap_shifted_clouds_fast_and_deterministic():
 
 # --- suite -----------------------------------------------------------------------------
 
-COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "yellow": (255, 255, 0),
-           "cyan": (0, 255, 255), "magenta": (255, 0, 255)}
+COLOURS = {
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "cyan": (0, 255, 255),
+    "magenta": (255, 0, 255),
+}
 D = 8
 
 
@@ -243,19 +252,42 @@ def _eval_dir(tmp_path):
     caps = [f"a {c} square" for c in names]
     negs = [f"a {names[(i + 1) % len(names)]} square" for i in range(len(names))]
     _write(tmp_path / "retrieval.parquet", id=ids, image=imgs, caption=caps)
-    _write(tmp_path / "zeroshot.parquet", id=ids, image=imgs,
-           label=pa.array(ids, pa.int32()), caption=caps)
+    _write(tmp_path / "zeroshot.parquet", id=ids, image=imgs, label=pa.array(ids, pa.int32()), caption=caps)
     _write(tmp_path / "binding.parquet", id=ids, image=imgs, caption=caps, negative=negs)
-    _write(tmp_path / "ood.parquet", id=ids[:3], image=imgs[:3], caption=caps[:3], negative=negs[:3],
-           label=pa.array([0, 1, 2], pa.int32()))
-    (tmp_path / "classes.json").write_text(json.dumps(
-        {"classes": names, "templates": ["a {} square.", "a photo of a {}."], "ood_classes": names[:3]}))
+    _write(
+        tmp_path / "ood.parquet",
+        id=ids[:3],
+        image=imgs[:3],
+        caption=caps[:3],
+        negative=negs[:3],
+        label=pa.array([0, 1, 2], pa.int32()),
+    )
+    (tmp_path / "classes.json").write_text(
+        json.dumps({"classes": names, "templates": ["a {} square.", "a photo of a {}."], "ood_classes": names[:3]})
+    )
     return tmp_path
 
 
-KEYS = {"i2t_r@1", "i2t_r@5", "i2t_r@10", "i2t_map", "t2i_r@1", "t2i_r@5", "t2i_r@10", "t2i_map",
-        "zs_top1", "zs_top5", "binding", "ood_i2t_r@1", "ood_t2i_r@1", "ood_zs_top1", "ood_binding",
-        "gap", "separability", "mean_r@1"}
+KEYS = {
+    "i2t_r@1",
+    "i2t_r@5",
+    "i2t_r@10",
+    "i2t_map",
+    "t2i_r@1",
+    "t2i_r@5",
+    "t2i_r@10",
+    "t2i_map",
+    "zs_top1",
+    "zs_top5",
+    "binding",
+    "ood_i2t_r@1",
+    "ood_t2i_r@1",
+    "ood_zs_top1",
+    "ood_binding",
+    "gap",
+    "separability",
+    "mean_r@1",
+}
 
 
 def test_suite_all_keys(tmp_path):
@@ -271,8 +303,12 @@ def test_suite_all_keys(tmp_path):
 def test_suite_partial_dir_and_multi_caption(tmp_path):
     imgs = [_png(COLOURS["red"]), _png(COLOURS["blue"])]
     # image "a" has two captions (two rows sharing its id); only the retrieval split exists
-    _write(tmp_path / "retrieval.parquet", id=["a", "a", "b"], image=[imgs[0], imgs[0], imgs[1]],
-           caption=["a red square", "red", "a blue circle"])
+    _write(
+        tmp_path / "retrieval.parquet",
+        id=["a", "a", "b"],
+        image=[imgs[0], imgs[0], imgs[1]],
+        caption=["a red square", "red", "a blue circle"],
+    )
     seen = []
 
     def spy(pngs):

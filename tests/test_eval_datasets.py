@@ -31,9 +31,18 @@ COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 TOP = ["dataset", "model", "pretrained", "task", "metrics", "language"]  # clip_benchmark's dump
 RETRIEVAL_KEYS = [f"{d}_retrieval_recall@{k}" for k in (1, 5, 10) for d in ("image", "text")]
 ZEROSHOT_KEYS = ["acc1", "acc5", "mean_per_class_recall"]
-TINY = ["model.image.width=16", "model.image.heads=2", "model.image.patch=8", "model.text.width=16",
-        "model.text.heads=2", "model.embed_dim=8", "data.image_size=16", "data.context_length=8",
-        "data.n_train=16", "data.n_eval=16"]  # fmt: skip
+TINY = [
+    "model.image.width=16",
+    "model.image.heads=2",
+    "model.image.patch=8",
+    "model.text.width=16",
+    "model.text.heads=2",
+    "model.embed_dim=8",
+    "data.image_size=16",
+    "data.context_length=8",
+    "data.n_train=16",
+    "data.n_eval=16",
+]
 
 
 def save_image(path: Path, rgb, size=8):
@@ -44,7 +53,11 @@ def save_image(path: Path, rgb, size=8):
 def write_karpathy(root: Path, name="dataset_flickr30k.json", images=None):
     """Flickr30k-style (no filepath) unless entries say otherwise; 5 sentences per image."""
     images = images or [
-        {"filename": "r.png", "split": "test", "sentences": [{"raw": f"c{a}", "tokens": []} for a in (80, 70, 60, 50, 10)]},
+        {
+            "filename": "r.png",
+            "split": "test",
+            "sentences": [{"raw": f"c{a}", "tokens": []} for a in (80, 70, 60, 50, 10)],
+        },
         {"filename": "skip.jpg", "split": "train", "sentences": [{"raw": "not read"}]},
         {"filename": "g.jpg", "split": "test", "sentences": [{"raw": f"c{a}"} for a in (75, 65, 55, 40, 30)]},
     ]
@@ -56,7 +69,9 @@ def write_karpathy(root: Path, name="dataset_flickr30k.json", images=None):
 
 def colour_images(items):
     """[n, 3]: an image's mean colour (what these fixtures vary)."""
-    return torch.tensor(np.stack([np.asarray(i.convert("RGB"), np.float32).reshape(-1, 3).mean(0) / 255 for i in items]))
+    return torch.tensor(
+        np.stack([np.asarray(i.convert("RGB"), np.float32).reshape(-1, 3).mean(0) / 255 for i in items])
+    )
 
 
 def angle_texts(texts):
@@ -91,17 +106,37 @@ def write_cifar(root: Path, which: str, n=6):
     if which == "cifar10":
         d = root / "cifar-10-batches-py"
         d.mkdir(parents=True)
-        batch = {b"batch_label": b"testing batch 1 of 1", b"labels": labels, b"data": data,
-                 b"filenames": [b"img_%d.png" % i for i in range(n)]}  # fmt: skip
-        files = {"test_batch": batch, "batches.meta": {b"num_cases_per_batch": n, b"num_vis": 3072,
-                                                       b"label_names": [b"airplane", b"automobile", b"bird"]}}  # fmt: skip
+        batch = {
+            b"batch_label": b"testing batch 1 of 1",
+            b"labels": labels,
+            b"data": data,
+            b"filenames": [b"img_%d.png" % i for i in range(n)],
+        }
+        files = {
+            "test_batch": batch,
+            "batches.meta": {
+                b"num_cases_per_batch": n,
+                b"num_vis": 3072,
+                b"label_names": [b"airplane", b"automobile", b"bird"],
+            },
+        }
     else:
         d = root / "cifar-100-python"
         d.mkdir(parents=True)
-        batch = {b"filenames": [b"img_%d.png" % i for i in range(n)], b"batch_label": b"testing batch 1 of 1",
-                 b"fine_labels": labels, b"coarse_labels": [0] * n, b"data": data}  # fmt: skip
-        files = {"test": batch, "meta": {b"fine_label_names": [b"apple", b"aquarium_fish", b"maple_tree"],
-                                         b"coarse_label_names": [b"fruit_and_vegetables"]}}  # fmt: skip
+        batch = {
+            b"filenames": [b"img_%d.png" % i for i in range(n)],
+            b"batch_label": b"testing batch 1 of 1",
+            b"fine_labels": labels,
+            b"coarse_labels": [0] * n,
+            b"data": data,
+        }
+        files = {
+            "test": batch,
+            "meta": {
+                b"fine_label_names": [b"apple", b"aquarium_fish", b"maple_tree"],
+                b"coarse_label_names": [b"fruit_and_vegetables"],
+            },
+        }
     for name, obj in files.items():
         if which == "cifar10":  # as the files on the CIFAR site: Python 2 pickles
             with open(d / name, "wb") as f:
@@ -119,7 +154,9 @@ class Py2Pickler(pickle._Pickler):
 
     def save_py2_str(self, obj):
         n = len(obj)
-        self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj if n < 256 else pickle.BINSTRING + struct.pack("<i", n) + obj)
+        self.write(
+            pickle.SHORT_BINSTRING + bytes([n]) + obj if n < 256 else pickle.BINSTRING + struct.pack("<i", n) + obj
+        )
         self.memoize(obj)
 
     dispatch[bytes] = save_py2_str
@@ -141,9 +178,21 @@ def test_standard_template_ensembles():
 
 
 def test_karpathy_test_split(tmp_path):
-    coco = [{"filepath": "val2014", "filename": "a.png", "split": "test", "sentences": [{"raw": f" cap {i} "} for i in range(5)]},
-            {"filepath": "val2014", "filename": "b.png", "split": "restval", "sentences": [{"raw": "x"}]},
-            {"filepath": "val2014", "filename": "c.png", "split": "test", "sentences": [{"raw": f"c{i}"} for i in range(6)]}]  # fmt: skip
+    coco = [
+        {
+            "filepath": "val2014",
+            "filename": "a.png",
+            "split": "test",
+            "sentences": [{"raw": f" cap {i} "} for i in range(5)],
+        },
+        {"filepath": "val2014", "filename": "b.png", "split": "restval", "sentences": [{"raw": "x"}]},
+        {
+            "filepath": "val2014",
+            "filename": "c.png",
+            "split": "test",
+            "sentences": [{"raw": f"c{i}"} for i in range(6)],
+        },
+    ]
     save_image(tmp_path / "val2014" / "a.png", COLOURS["red"])
     save_image(tmp_path / "val2014" / "c.png", COLOURS["blue"])
     (tmp_path / "dataset_coco.json").write_text(json.dumps({"images": coco}))
@@ -152,7 +201,9 @@ def test_karpathy_test_split(tmp_path):
     assert data.owner == [0] * 5 + [1] * 6
     assert len(data.images) == 2 and [p.name for p in data.images.paths] == ["a.png", "c.png"]
     first, second = data.images[0:2]
-    assert first.mode == "RGB" and first.getpixel((0, 0)) == COLOURS["red"] and second.getpixel((3, 3)) == COLOURS["blue"]
+    assert (
+        first.mode == "RGB" and first.getpixel((0, 0)) == COLOURS["red"] and second.getpixel((3, 3)) == COLOURS["blue"]
+    )
 
 
 def test_multi_caption_retrieval_by_hand(tmp_path):
@@ -166,18 +217,28 @@ def test_multi_caption_retrieval_by_hand(tmp_path):
     result = run_task(Encoders("fake", "fixture", colour_images, angle_texts), task)
     assert list(result) == TOP and list(result["metrics"]) == RETRIEVAL_KEYS
     assert result["task"] == "zeroshot_retrieval" and result["dataset"] == "hand" and result["language"] == "en"
-    assert result["metrics"] == pytest.approx({"image_retrieval_recall@1": 0.4, "text_retrieval_recall@1": 0.5,
-                                               "image_retrieval_recall@5": 1.0, "text_retrieval_recall@5": 1.0,
-                                               "image_retrieval_recall@10": 1.0, "text_retrieval_recall@10": 1.0})  # fmt: skip
+    assert result["metrics"] == pytest.approx(
+        {
+            "image_retrieval_recall@1": 0.4,
+            "text_retrieval_recall@1": 0.5,
+            "image_retrieval_recall@5": 1.0,
+            "text_retrieval_recall@5": 1.0,
+            "image_retrieval_recall@10": 1.0,
+            "text_retrieval_recall@10": 1.0,
+        }
+    )
 
 
-@pytest.mark.parametrize("names, file", [
-    (None, None),
-    ({"blue": "Blue", "green": "Green", "red": "Red", "extra": "x"}, "names.json"),
-    (["Blue", "Green", "Red"], "names.json"),
-    ("Blue\nGreen\n\nRed\n", "names.txt"),
-    ("red Red\nblue Blue\ngreen Green\n", "LOC_synset_mapping.txt"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "names, file",
+    [
+        (None, None),
+        ({"blue": "Blue", "green": "Green", "red": "Red", "extra": "x"}, "names.json"),
+        (["Blue", "Green", "Red"], "names.json"),
+        ("Blue\nGreen\n\nRed\n", "names.txt"),
+        ("red Red\nblue Blue\ngreen Green\n", "LOC_synset_mapping.txt"),
+    ],
+)
 def test_image_folder_class_names(tmp_path, names, file):
     root = write_folders(tmp_path / "val")
     if file:
@@ -200,7 +261,9 @@ def test_zeroshot_metrics_and_template_choice(tmp_path):
 
     for choice, per_class in (("ensemble", 80), ("single", 1)):
         prompts.clear()
-        task = EvalTaskConfig(name="folders", kind="zeroshot", format="imagefolder", path=root, templates=choice, batch_size=2)
+        task = EvalTaskConfig(
+            name="folders", kind="zeroshot", format="imagefolder", path=root, templates=choice, batch_size=2
+        )
         result = run_task(Encoders("fake", "fixture", colour_images, spy), task)
         assert list(result) == TOP and list(result["metrics"]) == ZEROSHOT_KEYS
         assert result["task"] == "zeroshot_classification"
@@ -215,7 +278,9 @@ def test_cifar_pickles(tmp_path, which):
     for root in (tmp_path, d):  # the extracted directory or its parent
         ds = cifar(root, which)
         assert ds.labels == labels and ds.templates == templates.CIFAR
-        assert ds.classes == (["airplane", "automobile", "bird"] if which == "cifar10" else ["apple", "aquarium fish", "maple tree"])
+        assert ds.classes == (
+            ["airplane", "automobile", "bird"] if which == "cifar10" else ["apple", "aquarium fish", "maple tree"]
+        )
         img = np.asarray(ds.images[4])
         assert img.shape == (32, 32, 3) and img.dtype == np.uint8
         for y, x, c in ((0, 0, 0), (0, 31, 1), (5, 7, 2), (31, 2, 0)):
@@ -234,14 +299,22 @@ def test_bad_karpathy_input_names_file_and_entry(tmp_path):
     ann.write_text('{"images": [')
     with pytest.raises(DatasetError, match=r"dataset_flickr30k\.json: not valid JSON"):
         karpathy(root)
-    ann.write_text('[1, 2]')
+    ann.write_text("[1, 2]")
     with pytest.raises(DatasetError, match=r"not a Karpathy caption file"):
         karpathy(root)
-    cases = [({"filename": "r.png", "split": "test"}, r"images\[0\] \(r\.png\): no 'sentences'"),
-             ({"filename": "r.png", "split": "test", "sentences": [{"raw": "a"}, {"tokens": []}]}, r"images\[0\] \(r\.png\): sentences\[1\] has no 'raw'"),
-             ({"split": "test", "sentences": [{"raw": "a"}]}, r"images\[0\]: 'filename'"),
-             ({"filename": "r.png"}, r"images\[0\]: not an image entry with a 'split'"),
-             ({"filename": "gone.png", "split": "test", "sentences": [{"raw": "a"}]}, r"gone\.png: image file not found \(.*images\[0\]; 1 of 1 images missing\)")]  # fmt: skip
+    cases = [
+        ({"filename": "r.png", "split": "test"}, r"images\[0\] \(r\.png\): no 'sentences'"),
+        (
+            {"filename": "r.png", "split": "test", "sentences": [{"raw": "a"}, {"tokens": []}]},
+            r"images\[0\] \(r\.png\): sentences\[1\] has no 'raw'",
+        ),
+        ({"split": "test", "sentences": [{"raw": "a"}]}, r"images\[0\]: 'filename'"),
+        ({"filename": "r.png"}, r"images\[0\]: not an image entry with a 'split'"),
+        (
+            {"filename": "gone.png", "split": "test", "sentences": [{"raw": "a"}]},
+            r"gone\.png: image file not found \(.*images\[0\]; 1 of 1 images missing\)",
+        ),
+    ]
     for entry, match in cases:
         ann.write_text(json.dumps({"images": [entry]}))
         with pytest.raises(DatasetError, match=match):
@@ -253,7 +326,9 @@ def test_bad_karpathy_input_names_file_and_entry(tmp_path):
     again = write_karpathy(tmp_path / "again")
     data = karpathy(again)
     (again / "g.jpg").write_bytes(b"\xff\xd8 not really a jpeg")
-    with pytest.raises(DatasetError, match=r"again/g\.jpg: not a readable image \(.*dataset_flickr30k\.json images\[2\]\)"):
+    with pytest.raises(
+        DatasetError, match=r"again/g\.jpg: not a readable image \(.*dataset_flickr30k\.json images\[2\]\)"
+    ):
         data.images[0:2]
     (tmp_path / "empty").mkdir()
     with pytest.raises(DatasetError, match=r"empty: no dataset_coco\.json or dataset_flickr30k\.json"):
@@ -275,14 +350,18 @@ def test_bad_class_folders_and_cifar(tmp_path):
         image_folder(root).images[3]
 
     d, _, _ = write_cifar(tmp_path / "c10", "cifar10")
-    with pytest.raises(DatasetError, match=r"c10/test: CIFAR file not found \(expected the extracted cifar-100-python/ directory\)"):
+    with pytest.raises(
+        DatasetError, match=r"c10/test: CIFAR file not found \(expected the extracted cifar-100-python/ directory\)"
+    ):
         cifar(tmp_path / "c10", "cifar100")
     batch = pickle.loads((d / "test_batch").read_bytes(), encoding="bytes")
     (d / "test_batch").write_bytes(pickle.dumps({k: v for k, v in batch.items() if k != b"labels"}))
     with pytest.raises(DatasetError, match=r"test_batch: no b'labels' entry"):
         cifar(d, "cifar10")
     (d / "test_batch").write_bytes(pickle.dumps({**batch, b"labels": [0, 1, 7, 0, 1, 2]}))
-    with pytest.raises(DatasetError, match=r"test_batch: b'labels'\[2\] = 7 is not a class of .*batches\.meta \(3 names\)"):
+    with pytest.raises(
+        DatasetError, match=r"test_batch: b'labels'\[2\] = 7 is not a class of .*batches\.meta \(3 names\)"
+    ):
         cifar(d, "cifar10")
     (d / "test_batch").write_bytes(pickle.dumps({**batch, b"data": batch[b"data"][:, :100]}))
     with pytest.raises(DatasetError, match=r"must be uint8 \[N, 3072\]"):
@@ -290,21 +369,42 @@ def test_bad_class_folders_and_cifar(tmp_path):
     # a pickle that names a global (built by hand: pickling a live function records whatever
     # module patched it, e.g. Ray replaces builtins.print once it is imported)
     (d / "test_batch").write_bytes(b"cos\nsystem\n.")
-    with pytest.raises(DatasetError, match=r"not a CIFAR python pickle \(UnpicklingError: refusing to unpickle os\.system\)"):
+    with pytest.raises(
+        DatasetError, match=r"not a CIFAR python pickle \(UnpicklingError: refusing to unpickle os\.system\)"
+    ):
         cifar(d, "cifar10")
 
 
 def test_eval_config_validation():
     cfg = make_config()
     assert [(t.name, t.kind, t.format, t.path) for t in cfg.eval.tasks] == [
-        ("embedded_retrieval", "retrieval", "embedded", None), ("embedded_zeroshot", "zeroshot", "embedded", None)]
-    ok = make_config({"eval": {"tasks": [{"name": "c10", "kind": "zeroshot", "format": "cifar10", "path": "/d", "templates": "single"}]}})
+        ("embedded_retrieval", "retrieval", "embedded", None),
+        ("embedded_zeroshot", "zeroshot", "embedded", None),
+    ]
+    ok = make_config(
+        {
+            "eval": {
+                "tasks": [{"name": "c10", "kind": "zeroshot", "format": "cifar10", "path": "/d", "templates": "single"}]
+            }
+        }
+    )
     assert ok.eval.tasks[0].templates == "single"
-    bad = [({"name": "coco", "kind": "retrieval", "format": "karpathy"}, "eval.tasks.0: .*task 'coco': format karpathy needs a path"),
-           ({"name": "c10", "kind": "retrieval", "format": "cifar10", "path": "/d"}, "task 'c10': format cifar10 is a zeroshot dataset, not retrieval"),
-           ({"name": "in", "kind": "zeroshot", "format": "imagefolder", "path": "/d", "annotations": "a.json"}, "annotations is read only for format karpathy"),
-           ({"name": "a b", "kind": "zeroshot"}, "eval.tasks.0.name"),
-           ({"name": "x", "kind": "probe"}, "eval.tasks.0.kind")]  # fmt: skip
+    bad = [
+        (
+            {"name": "coco", "kind": "retrieval", "format": "karpathy"},
+            "eval.tasks.0: .*task 'coco': format karpathy needs a path",
+        ),
+        (
+            {"name": "c10", "kind": "retrieval", "format": "cifar10", "path": "/d"},
+            "task 'c10': format cifar10 is a zeroshot dataset, not retrieval",
+        ),
+        (
+            {"name": "in", "kind": "zeroshot", "format": "imagefolder", "path": "/d", "annotations": "a.json"},
+            "annotations is read only for format karpathy",
+        ),
+        ({"name": "a b", "kind": "zeroshot"}, "eval.tasks.0.name"),
+        ({"name": "x", "kind": "probe"}, "eval.tasks.0.kind"),
+    ]
     for task, match in bad:
         with pytest.raises(ConfigError, match=match):
             make_config({"eval": {"tasks": [task]}})
@@ -333,10 +433,24 @@ def suite_file(tmp_path: Path) -> Path:
     write_karpathy(tmp_path / "flickr")
     write_folders(tmp_path / "val")
     write_cifar(tmp_path / "c100", "cifar100")
-    tasks = [{"name": "flickr", "kind": "retrieval", "format": "karpathy", "path": str(tmp_path / "flickr"), "batch_size": 1},
-             {"name": "folders", "kind": "zeroshot", "format": "imagefolder", "path": str(tmp_path / "val"), "templates": "single"},
-             {"name": "c100", "kind": "zeroshot", "format": "cifar100", "path": str(tmp_path / "c100")},
-             {"name": "embedded_retrieval", "kind": "retrieval"}]  # fmt: skip
+    tasks = [
+        {
+            "name": "flickr",
+            "kind": "retrieval",
+            "format": "karpathy",
+            "path": str(tmp_path / "flickr"),
+            "batch_size": 1,
+        },
+        {
+            "name": "folders",
+            "kind": "zeroshot",
+            "format": "imagefolder",
+            "path": str(tmp_path / "val"),
+            "templates": "single",
+        },
+        {"name": "c100", "kind": "zeroshot", "format": "cifar100", "path": str(tmp_path / "c100")},
+        {"name": "embedded_retrieval", "kind": "retrieval"},
+    ]
     path = tmp_path / "suite.yaml"
     path.write_text(yaml.safe_dump({"eval": {"tasks": tasks, "device": "cpu"}}))
     return path
@@ -350,7 +464,12 @@ def test_eval_cli_checkpoint_and_export(tmp_path, trained, capsys):
         out = tmp_path / f"out_{kind}"
         assert main(["eval", "--config", str(suite), "--out", str(out), str(trained[kind]), *data]) == 0
         assert f"evaluation written to {out / 'summary.md'}" in capsys.readouterr().out
-        for name, keys in (("flickr", RETRIEVAL_KEYS), ("folders", ZEROSHOT_KEYS), ("c100", ZEROSHOT_KEYS), ("embedded_retrieval", RETRIEVAL_KEYS)):
+        for name, keys in (
+            ("flickr", RETRIEVAL_KEYS),
+            ("folders", ZEROSHOT_KEYS),
+            ("c100", ZEROSHOT_KEYS),
+            ("embedded_retrieval", RETRIEVAL_KEYS),
+        ):
             r = json.loads((out / f"{name}.json").read_text())
             assert list(r) == TOP and list(r["metrics"]) == keys and r["dataset"] == name
             assert r["model"] == ("rankclip" if kind == "ckpt" else "student") and r["pretrained"] == str(trained[kind])
@@ -380,11 +499,17 @@ def test_eval_cli_errors(tmp_path, trained, capsys):
     (root / "r.png").write_bytes(b"garbage")
     assert main(["eval", "--out", out, str(trained["ckpt"]), task % root]) == 2
     err = capsys.readouterr().err
-    assert f"error: eval task 'coco': {root / 'r.png'}: not a readable image ({root / 'dataset_flickr30k.json'} images[0])" in err
+    assert (
+        f"error: eval task 'coco': {root / 'r.png'}: not a readable image ({root / 'dataset_flickr30k.json'} images[0])"
+        in err
+    )
     assert "Traceback" not in err
     assert main(["eval", "--out", out, str(tmp_path)]) == 2
     assert "is neither a trial checkpoint (model.pt + config.json) nor an exported student" in capsys.readouterr().err
-    assert main(["eval", "--out", out, str(trained["ckpt"]), "eval.tasks=[{name: c10, kind: zeroshot, format: cifar10}]"]) == 2
+    assert (
+        main(["eval", "--out", out, str(trained["ckpt"]), "eval.tasks=[{name: c10, kind: zeroshot, format: cifar10}]"])
+        == 2
+    )
     assert "task 'c10': format cifar10 needs a path" in capsys.readouterr().err
 
 
@@ -392,8 +517,18 @@ def test_frozen_teacher_checkpoint_is_rebuilt(tmp_path, trained):
     """A method whose evaluation encoder runs a frozen teacher (DINORANKCLIP injecting DINOv3
     at evaluation): the checkpoint holds no teacher weights, the config rebuilds the teacher,
     and the loaded model embeds exactly as the method that was saved."""
-    cfg = make_config({}, TINY + [f"data.root={trained['data_root']}", "method=dinorankclip", "fusion.eval_inject=true",
-                                  "fusion.text_injection=false", "teachers.dinov3.image_size=16", "teachers.dinov3.grid=2"])  # fmt: skip
+    cfg = make_config(
+        {},
+        TINY
+        + [
+            f"data.root={trained['data_root']}",
+            "method=dinorankclip",
+            "fusion.eval_inject=true",
+            "fusion.text_injection=false",
+            "teachers.dinov3.image_size=16",
+            "teachers.dinov3.grid=2",
+        ],
+    )
     src = prepare(cfg.data)
     tok = src.tokenizer(cfg.data)
     torch.manual_seed(cfg.seed)
@@ -419,9 +554,18 @@ def test_frozen_teacher_checkpoint_is_rebuilt(tmp_path, trained):
 def test_parallel_tasks_match_in_process(tmp_path, trained, ray_local):
     write_folders(tmp_path / "val")
     write_cifar(tmp_path / "c10", "cifar10")
-    cfg = make_config({"eval": {"device": "cpu", "num_cpus": 0.5, "tasks": [
-        {"name": "folders", "kind": "zeroshot", "format": "imagefolder", "path": str(tmp_path / "val")},
-        {"name": "c10", "kind": "zeroshot", "format": "cifar10", "path": str(tmp_path / "c10")}]}})  # fmt: skip
+    cfg = make_config(
+        {
+            "eval": {
+                "device": "cpu",
+                "num_cpus": 0.5,
+                "tasks": [
+                    {"name": "folders", "kind": "zeroshot", "format": "imagefolder", "path": str(tmp_path / "val")},
+                    {"name": "c10", "kind": "zeroshot", "format": "cifar10", "path": str(tmp_path / "c10")},
+                ],
+            }
+        }
+    )
     for parallel in (False, True):
         run_eval(trained["student"], cfg, tmp_path / f"out_{parallel}", parallel=parallel)
     for name in ("folders", "c10"):

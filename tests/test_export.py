@@ -17,9 +17,19 @@ from raytrain.data.transforms import normalize
 from raytrain.methods import build_method
 from raytrain.train import checkpoint
 
-TINY = ["model.image.width=16", "model.image.heads=2", "model.image.patch=8", "model.text.width=16",
-        "model.text.heads=2", "model.embed_dim=8", "data.image_size=16", "data.context_length=8",
-        "data.n_train=16", "data.n_eval=16", "loss.order=2"]  # fmt: skip
+TINY = [
+    "model.image.width=16",
+    "model.image.heads=2",
+    "model.image.patch=8",
+    "model.text.width=16",
+    "model.text.heads=2",
+    "model.embed_dim=8",
+    "data.image_size=16",
+    "data.context_length=8",
+    "data.n_train=16",
+    "data.n_eval=16",
+    "loss.order=2",
+]
 
 
 def test_export_round_trip_without_ray(tmp_path):
@@ -44,8 +54,8 @@ def test_export_round_trip_without_ray(tmp_path):
 import sys, json
 sys.modules["ray"] = None; sys.modules["deepspeed"] = None   # importing either now fails
 from raytrain.export import ExportedStudent
-m = ExportedStudent.load({str(tmp_path / 'student')!r})
-print(json.dumps({{"img": m.embed_images([open({str(tmp_path / 'img.png')!r}, "rb").read()]).tolist(),
+m = ExportedStudent.load({str(tmp_path / "student")!r})
+print(json.dumps({{"img": m.embed_images([open({str(tmp_path / "img.png")!r}, "rb").read()]).tolist(),
                   "txt": m.embed_texts(["a small red circle"]).tolist()}}))
 """
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

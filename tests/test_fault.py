@@ -20,9 +20,18 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.e2e
 
-SMALL = ["data.n_train=512", "data.n_eval=32", "train.batch_size=32", "train.epochs=2", "model.image.patch=8",
-         "model.image.width=32", "model.image.heads=2", "model.text.width=32", "model.text.heads=2",
-         "loss.order=1"]  # fmt: skip
+SMALL = [
+    "data.n_train=512",
+    "data.n_eval=32",
+    "train.batch_size=32",
+    "train.epochs=2",
+    "model.image.patch=8",
+    "model.image.width=32",
+    "model.image.heads=2",
+    "model.text.width=32",
+    "model.text.heads=2",
+    "loss.order=1",
+]
 
 
 def space(tmp_path, grid: str, group: str) -> Path:
@@ -46,7 +55,9 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen):
         if found:
             return found
         if proc.poll() is not None:
-            raise AssertionError(f"the sweep exited ({proc.returncode}) before any {what}:\n{proc.stdout.read()[-4000:]}")
+            raise AssertionError(
+                f"the sweep exited ({proc.returncode}) before any {what}:\n{proc.stdout.read()[-4000:]}"
+            )
         time.sleep(0.5)
     raise TimeoutError(f"no {what} within {timeout} s")
 
@@ -57,7 +68,10 @@ def registered_checkpoints(storage: Path) -> list[Path]:
     found = []
     for snapshot in storage.glob("*/train_runs/*/checkpoint_manager_snapshot.json"):
         try:
-            found += [snapshot.parent / r["checkpoint_dir_name"] for r in json.loads(snapshot.read_text())["checkpoint_results"]]
+            found += [
+                snapshot.parent / r["checkpoint_dir_name"]
+                for r in json.loads(snapshot.read_text())["checkpoint_results"]
+            ]
         except (OSError, ValueError, KeyError):  # being written
             pass
     return found
@@ -80,12 +94,25 @@ def test_killed_worker_resumes_to_the_same_result_and_nan_trial_fails(tmp_path):
     # trial 2's learning rate makes the loss NaN
     grid = "{train.max_failures: [1, 0], optim.lr: [0.001]}"
     storage = tmp_path / "runs"
-    proc = sweep(tmp_path, space(tmp_path, grid, "train.max_failures"), *SMALL, "grid.optim.lr=[0.001, 1.0e+30]", "train.report_every=4",
-                 "train.checkpoint_every=8", "run.max_concurrent_trials=1", f"run.storage_path={storage}",
-                 f"data.root={tmp_path / 'data'}")  # fmt: skip
+    proc = sweep(
+        tmp_path,
+        space(tmp_path, grid, "train.max_failures"),
+        *SMALL,
+        "grid.optim.lr=[0.001, 1.0e+30]",
+        "train.report_every=4",
+        "train.checkpoint_every=8",
+        "run.max_concurrent_trials=1",
+        f"run.storage_path={storage}",
+        f"data.root={tmp_path / 'data'}",
+    )
     # trials run one at a time in grid order, so the first checkpoint is trial 0's (max_failures 1)
     first = wait_for(lambda: registered_checkpoints(storage), 300, "checkpoint", proc)
-    worker = wait_for(lambda: [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])], 60, "worker", proc)
+    worker = wait_for(
+        lambda: [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])],
+        60,
+        "worker",
+        proc,
+    )
     os.kill(worker[0].pid, signal.SIGKILL)
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-4000:]
@@ -95,15 +122,27 @@ def test_killed_worker_resumes_to_the_same_result_and_nan_trial_fails(tmp_path):
     killed, twin = (ok[ok["max_failures"] == f].iloc[0] for f in (1, 0))
     assert killed["resumed_step"] > 0 and twin["resumed_step"] == -1 and first  # it did resume mid-run
     for metric in ("loss", "mean_r@1", "zs_top1"):
-        assert math.isclose(killed[metric], twin[metric], rel_tol=1e-4, abs_tol=1e-6), (metric, killed[metric], twin[metric])
+        assert math.isclose(killed[metric], twin[metric], rel_tol=1e-4, abs_tol=1e-6), (
+            metric,
+            killed[metric],
+            twin[metric],
+        )
     failed = trials[trials["status"] == "ERROR"]
-    assert len(failed) == 2 and failed["error"].str.match(r"FloatingPointError: loss became (nan|inf)").all(), failed["error"]
+    assert len(failed) == 2 and failed["error"].str.match(r"FloatingPointError: loss became (nan|inf)").all(), failed[
+        "error"
+    ]
     assert "loss became" in report.read_text()  # the report lists the failed trials with their error
 
 
 def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
     storage = tmp_path / "runs"
-    args = [*SMALL, "train.epochs=1", "run.max_concurrent_trials=1", f"run.storage_path={storage}", f"data.root={tmp_path / 'data'}"]
+    args = [
+        *SMALL,
+        "train.epochs=1",
+        "run.max_concurrent_trials=1",
+        f"run.storage_path={storage}",
+        f"data.root={tmp_path / 'data'}",
+    ]
     proc = sweep(tmp_path, space(tmp_path, "{seed: [0, 1, 2]}", "seed"), *args)
     # one trial at a time: once the second has started, the first has finished
     wait_for(lambda: len(list(storage.glob("fault-*/run_trial_*"))) >= 2, 600, "second trial", proc)
@@ -125,14 +164,33 @@ def test_killed_worker_resumes_deepspeed_zero2_from_its_sharded_checkpoint(tmp_p
     """DeepSpeed ZeRO-2 bf16 on 2 workers: the checkpoint holds both ranks' optimizer shards;
     after a worker is killed the trial loads them and ends where its uninterrupted twin does."""
     storage = tmp_path / "runs"
-    proc = sweep(tmp_path, space(tmp_path, "{train.max_failures: [1, 0]}", "train.max_failures"), *SMALL, "train.engine=deepspeed",
-                 "train.num_workers=2", "train.cpus_per_worker=0.45", "train.deepspeed.zero_stage=2", "train.deepspeed.precision=bf16",
-                 "train.report_every=4", "train.checkpoint_every=8", "run.max_concurrent_trials=1", f"run.storage_path={storage}",
-                 f"data.root={tmp_path / 'data'}")  # fmt: skip
+    proc = sweep(
+        tmp_path,
+        space(tmp_path, "{train.max_failures: [1, 0]}", "train.max_failures"),
+        *SMALL,
+        "train.engine=deepspeed",
+        "train.num_workers=2",
+        "train.cpus_per_worker=0.45",
+        "train.deepspeed.zero_stage=2",
+        "train.deepspeed.precision=bf16",
+        "train.report_every=4",
+        "train.checkpoint_every=8",
+        "run.max_concurrent_trials=1",
+        f"run.storage_path={storage}",
+        f"data.root={tmp_path / 'data'}",
+    )
     first = wait_for(lambda: registered_checkpoints(storage), 300, "checkpoint", proc)
     shards = sorted(p.name for p in first[0].glob("deepspeed/global_step*/*optim_states.pt"))
-    assert shards == ["bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt", "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt"]
-    worker = wait_for(lambda: [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])], 60, "worker", proc)
+    assert shards == [
+        "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
+        "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
+    ]
+    worker = wait_for(
+        lambda: [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])],
+        60,
+        "worker",
+        proc,
+    )
     os.kill(worker[-1].pid, signal.SIGKILL)
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-4000:]
@@ -142,7 +200,11 @@ def test_killed_worker_resumes_deepspeed_zero2_from_its_sharded_checkpoint(tmp_p
     killed, twin = (trials[trials["max_failures"] == f].iloc[0] for f in (1, 0))
     assert killed["resumed_step"] > 0 and twin["resumed_step"] == -1
     for metric in ("loss", "mean_r@1", "zs_top1"):
-        assert math.isclose(killed[metric], twin[metric], rel_tol=1e-4, abs_tol=1e-6), (metric, killed[metric], twin[metric])
+        assert math.isclose(killed[metric], twin[metric], rel_tol=1e-4, abs_tol=1e-6), (
+            metric,
+            killed[metric],
+            twin[metric],
+        )
     # the final checkpoint's consolidated fp32 weights export without Ray or DeepSpeed
     from raytrain.cli import main
     from raytrain.export import ExportedStudent

@@ -24,9 +24,19 @@ from raytrain.data.sources import StorageError, resolve, write_atomic
 # defaults (extract_exif, compute_hash="sha256", encode_format "jpg") and --caption_col: the
 # input columns (caption, url), then downloader.py's key ... original_height, exif and the hash,
 # then writer.py's ParquetSampleWriter appends the image column named after the encode format.
-META = [("caption", pa.string()), ("url", pa.string()), ("key", pa.string()), ("status", pa.string()),
-        ("error_message", pa.string()), ("width", pa.int32()), ("height", pa.int32()), ("original_width", pa.int32()),
-        ("original_height", pa.int32()), ("exif", pa.string()), ("sha256", pa.string())]  # fmt: skip
+META = [
+    ("caption", pa.string()),
+    ("url", pa.string()),
+    ("key", pa.string()),
+    ("status", pa.string()),
+    ("error_message", pa.string()),
+    ("width", pa.int32()),
+    ("height", pa.int32()),
+    ("original_width", pa.int32()),
+    ("original_height", pa.int32()),
+    ("exif", pa.string()),
+    ("sha256", pa.string()),
+]
 I2D_SCHEMA = pa.schema(META + [("jpg", pa.binary())])
 TINY = ["teachers.dinov3.size=tiny", "teachers.dinov3.image_size=32", "data.image_size=32", "cache.batch_size=4"]
 
@@ -40,10 +50,20 @@ def image(seed: int, fmt: str = "JPEG") -> bytes:
 
 def i2d_row(key: str, caption, img: bytes | None, status: str = "success") -> dict:
     ok = status == "success"
-    return {"caption": caption, "url": f"https://example.com/{key}.jpg", "key": key, "status": status,
-            "error_message": None if ok else "HTTP Error 404: Not Found", "width": 24 if ok else None,
-            "height": 24 if ok else None, "original_width": 24 if ok else None, "original_height": 24 if ok else None,
-            "exif": "{}" if ok else None, "sha256": "0" * 64 if ok else None, "jpg": img}  # fmt: skip
+    return {
+        "caption": caption,
+        "url": f"https://example.com/{key}.jpg",
+        "key": key,
+        "status": status,
+        "error_message": None if ok else "HTTP Error 404: Not Found",
+        "width": 24 if ok else None,
+        "height": 24 if ok else None,
+        "original_width": 24 if ok else None,
+        "original_height": 24 if ok else None,
+        "exif": "{}" if ok else None,
+        "sha256": "0" * 64 if ok else None,
+        "jpg": img,
+    }
 
 
 def parquet_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
@@ -72,7 +92,9 @@ def members_end(data: bytes) -> int:
         return tar.offset
 
 
-def wds_sample(key: str, caption: str | None = None, img: bytes | None = None, ext: str = "jpg", meta: dict | None = None):
+def wds_sample(
+    key: str, caption: str | None = None, img: bytes | None = None, ext: str = "jpg", meta: dict | None = None
+):
     members = {} if img is None else {ext: img}
     if caption is not None:
         members["txt"] = caption.encode()
@@ -83,32 +105,49 @@ def wds_sample(key: str, caption: str | None = None, img: bytes | None = None, e
 def img2dataset_files() -> dict[str, bytes]:
     """Two shards: 00000 has a failed download (null image), a success whose bytes are corrupt, a
     failed resize that still carries bytes, and an empty caption; 00001 is clean."""
-    shard0 = [i2d_row("000000000", "a red circle", image(0)), i2d_row("000000001", "a blue square", None, "failed_to_download"),
-              i2d_row("000000002", "a green cat", b"\xff\xd8 not a jpeg"), i2d_row("000000003", "", image(3)),
-              i2d_row("000000004", "two dogs", image(4), "failed_to_resize"), i2d_row("000000005", "a big tree", image(5))]  # fmt: skip
+    shard0 = [
+        i2d_row("000000000", "a red circle", image(0)),
+        i2d_row("000000001", "a blue square", None, "failed_to_download"),
+        i2d_row("000000002", "a green cat", b"\xff\xd8 not a jpeg"),
+        i2d_row("000000003", "", image(3)),
+        i2d_row("000000004", "two dogs", image(4), "failed_to_resize"),
+        i2d_row("000000005", "a big tree", image(5)),
+    ]
     shard1 = [i2d_row(f"00001000{i}", f"photo number {i}", image(10 + i)) for i in range(4)]
     stats = json.dumps({"count": 6, "successes": 4, "failed_to_download": 1, "failed_to_resize": 1}).encode()
-    return {"00000.parquet": parquet_bytes(shard0, I2D_SCHEMA), "00000_stats.json": stats,
-            "00001.parquet": parquet_bytes(shard1, I2D_SCHEMA), "00001_stats.json": stats,
-            "teacher_cache/abc/shard-00000.parquet": b"a cache beside the data is not training data"}  # fmt: skip
+    return {
+        "00000.parquet": parquet_bytes(shard0, I2D_SCHEMA),
+        "00000_stats.json": stats,
+        "00001.parquet": parquet_bytes(shard1, I2D_SCHEMA),
+        "00001_stats.json": stats,
+        "teacher_cache/abc/shard-00000.parquet": b"a cache beside the data is not training data",
+    }
 
 
 def webdataset_files() -> dict[str, bytes]:
     """Two tars with img2dataset's sidecars: 00000.tar has a png, a .jpeg and a .webp sample, one
     without .txt, one without an image, one with corrupt bytes; 00001.tar is clean."""
-    tar0 = [wds_sample("000000000", "a red circle", image(0), meta={"caption_short": "circle"}),
-            wds_sample("000000001", "a blue square", image(1, "PNG"), "png"),
-            wds_sample("000000002", "a green cat", image(2), "jpeg"),
-            wds_sample("000000003", None, image(3)),  # no caption member
-            wds_sample("000000004", "two dogs"),  # no image member
-            wds_sample("000000005", "a big tree", b"\xff\xd8 truncated jpeg"),
-            wds_sample("000000006", "a small boat", image(6, "WEBP"), "webp")]  # fmt: skip
+    tar0 = [
+        wds_sample("000000000", "a red circle", image(0), meta={"caption_short": "circle"}),
+        wds_sample("000000001", "a blue square", image(1, "PNG"), "png"),
+        wds_sample("000000002", "a green cat", image(2), "jpeg"),
+        wds_sample("000000003", None, image(3)),  # no caption member
+        wds_sample("000000004", "two dogs"),  # no image member
+        wds_sample("000000005", "a big tree", b"\xff\xd8 truncated jpeg"),
+        wds_sample("000000006", "a small boat", image(6, "WEBP"), "webp"),
+    ]
     tar1 = [wds_sample(f"00001000{i}", f"photo number {i}", image(10 + i)) for i in range(3)]
     meta = pa.schema(META)  # the sidecar: one metadata row per input row, no image bytes
     sidecar = parquet_bytes([{k: v for k, v in i2d_row(k, "x", None).items() if k != "jpg"} for k, _ in tar0], meta)
     stats = json.dumps({"count": 7, "successes": 7}).encode()
-    return {"00000.tar": tar_bytes(tar0), "00000.parquet": sidecar, "00000_stats.json": stats,
-            "00001.tar": tar_bytes(tar1), "00001.parquet": sidecar, "00001_stats.json": stats}  # fmt: skip
+    return {
+        "00000.tar": tar_bytes(tar0),
+        "00000.parquet": sidecar,
+        "00000_stats.json": stats,
+        "00001.tar": tar_bytes(tar1),
+        "00001.parquet": sidecar,
+        "00001_stats.json": stats,
+    }
 
 
 def put(root: str, files: dict[str, bytes]) -> str:
@@ -160,7 +199,9 @@ def test_img2dataset_parquet_streams_with_bad_rows_counted(tmp_path, ray_local):
 def test_img2dataset_missing_columns_name_file_and_column(tmp_path):
     files = img2dataset_files()
     no_caption = pa.schema([f for f in I2D_SCHEMA if f.name != "caption"])  # img2dataset run without --caption_col
-    files["00001.parquet"] = parquet_bytes([{k: v for k, v in i2d_row("1", "x", image(1)).items() if k != "caption"}], no_caption)
+    files["00001.parquet"] = parquet_bytes(
+        [{k: v for k, v in i2d_row("1", "x", image(1)).items() if k != "caption"}], no_caption
+    )
     put(str(tmp_path / "a"), files)
     with pytest.raises(SchemaError, match=r"a/00001\.parquet: missing column 'caption' .*--caption_col"):
         prepare(data_cfg(tmp_path / "a", "img2dataset"))
@@ -170,7 +211,9 @@ def test_img2dataset_missing_columns_name_file_and_column(tmp_path):
     put(str(tmp_path / "w"), webdataset_files())
     with pytest.raises(SchemaError, match=r"w/00000\.parquet: missing column 'jpg' .*data\.format=webdataset"):
         prepare(data_cfg(tmp_path / "w", "img2dataset"))
-    with pytest.raises(StorageError, match=r"no \.parquet files directly under .*/nothing \(data\.format=img2dataset\)"):
+    with pytest.raises(
+        StorageError, match=r"no \.parquet files directly under .*/nothing \(data\.format=img2dataset\)"
+    ):
         prepare(data_cfg(tmp_path / "nothing", "img2dataset"))
 
 
@@ -198,12 +241,17 @@ def test_broken_tars_are_named(tmp_path):
     end = members_end(tar_bytes([wds_sample(f"k{i}", f"caption {i}", image(i)) for i in range(2)]))
     cases = {
         "cut inside a member": (good[:1500], r"truncated or not a tar file \(unexpected end of data\)"),
-        "cut between samples": (good[:end], r"truncated tar: it ends at byte \d+ after sample 'k1' without tar's end-of-archive"),
+        "cut between samples": (
+            good[:end],
+            r"truncated tar: it ends at byte \d+ after sample 'k1' without tar's end-of-archive",
+        ),
         "not a tar": (b"<html>403 Forbidden</html>" * 40, r"truncated or not a tar file"),
-        "split sample": (tar_bytes([("k0", {"jpg": image(0)}), ("k1", {"jpg": image(1)}), ("k0", {"txt": b"late"})]),
-                         r"the members of sample 'k0' are not adjacent"),
-    }  # fmt: skip
-    for i, (case, (data, match)) in enumerate(cases.items()):
+        "split sample": (
+            tar_bytes([("k0", {"jpg": image(0)}), ("k1", {"jpg": image(1)}), ("k0", {"txt": b"late"})]),
+            r"the members of sample 'k0' are not adjacent",
+        ),
+    }
+    for i, (data, match) in enumerate(cases.values()):
         root = put(str(tmp_path / f"d{i}"), {"00000.tar": good, "00001.tar": data})
         with pytest.raises(SchemaError, match=rf"d{i}/00001\.tar: {match}"):
             prepare(data_cfg(root, "webdataset"))
@@ -212,12 +260,19 @@ def test_broken_tars_are_named(tmp_path):
     # a tar of no samples (img2dataset's, when every download of a shard failed) is no error
     empty = io.BytesIO()
     tarfile.open(fileobj=empty, mode="w").close()
-    assert prepare(data_cfg(put(str(tmp_path / "e"), {"00000.tar": good, "00001.tar": empty.getvalue()}), "webdataset")).num_rows == 3
+    assert (
+        prepare(
+            data_cfg(put(str(tmp_path / "e"), {"00000.tar": good, "00001.tar": empty.getvalue()}), "webdataset")
+        ).num_rows
+        == 3
+    )
     # a shard replaced by a good one after a failed check is read again
     put(str(tmp_path / "d1"), {"00001.tar": good})
     assert prepare(data_cfg(tmp_path / "d1", "webdataset")).num_rows == 6
     with pytest.raises(StorageError, match=r"no \.tar files directly under"):
-        prepare(data_cfg(put(str(tmp_path / "sidecars"), {"00000.parquet": b"x", "00000_stats.json": b"{}"}), "webdataset"))
+        prepare(
+            data_cfg(put(str(tmp_path / "sidecars"), {"00000.parquet": b"x", "00000_stats.json": b"{}"}), "webdataset")
+        )
 
 
 def test_teacher_cache_on_webdataset(tmp_path, ray_local):
@@ -228,7 +283,10 @@ def test_teacher_cache_on_webdataset(tmp_path, ray_local):
     root = put(str(tmp_path / "wds"), webdataset_files())
     cfg = make_config({}, TINY + [f"data.path={root}", "data.format=webdataset", f"cache.path={tmp_path / 'cache'}"])
     manifest = build_cache(cfg)
-    assert [s["rows"] for s in manifest["shards"]] == [4, 3] and manifest["skipped"] == {"bad_image": 2, "empty_caption": 1}
+    assert [s["rows"] for s in manifest["shards"]] == [4, 3] and manifest["skipped"] == {
+        "bad_image": 2,
+        "empty_caption": 1,
+    }
     assert manifest["fingerprint"]["dataset"] == {"files": ["00000.tar", "00001.tar"], "rows": 10}
     src = prepare(cfg.data)
     reader = CacheReader.open(cfg, src)

@@ -14,8 +14,16 @@ from raytrain.methods import build_method
 from raytrain.models.projectors import FreezeAlignProjectors, TokenProjector
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY = ["method=freeze_align", "cache.use=true", "cache.teachers=[dinov3,text_tokens]", "data.image_size=16",
-        "teachers.dinov3.image_size=16", "teachers.dinov3.grid=2", "teachers.text.max_tokens=8", "freeze_align.embed_dim=16"]  # fmt: skip
+TINY = [
+    "method=freeze_align",
+    "cache.use=true",
+    "cache.teachers=[dinov3,text_tokens]",
+    "data.image_size=16",
+    "teachers.dinov3.image_size=16",
+    "teachers.dinov3.grid=2",
+    "teachers.text.max_tokens=8",
+    "freeze_align.embed_dim=16",
+]
 
 
 def batch(n=8, seed=0):
@@ -132,7 +140,9 @@ def test_frozen_encoders_get_no_gradients_and_are_not_saved():
     method.train()
     assert not method.teacher.training and not method.text_teacher.training  # frozen: eval mode always
     method.zero_grad()
-    (method.encode_images(pixels) @ method.encode_texts(tokens, captions).T).sum().backward()  # through the live encoders
+    (
+        method.encode_images(pixels) @ method.encode_texts(tokens, captions).T
+    ).sum().backward()  # through the live encoders
     assert method.projectors.image_cls.linear.weight.grad.abs().sum() > 0
     assert method.projectors.text_tokens.linear.weight.grad.abs().sum() > 0
     for encoder in (method.teacher, method.text_teacher):  # built by evaluation, live
@@ -181,11 +191,23 @@ def test_space_trains_through_the_sweep(tmp_path, ray_local):
 
     from raytrain.tune.sweep import run_sweep
 
-    report = run_sweep(ROOT / "tune_spaces/freeze_align.yaml", [
-        "grid.variant=[full]", "grid.seed=[0]", f"data.root={tmp_path / 'data'}", "data.n_train=64", "data.n_eval=16",
-        "teachers.dinov3.path=null", "train.epochs=1", "train.batch_size=16", "train.report_every=4", "optim.warmup_steps=2",
-        "run.max_concurrent_trials=1", f"run.storage_path={tmp_path / 'runs'}",
-    ])  # fmt: skip
+    report = run_sweep(
+        ROOT / "tune_spaces/freeze_align.yaml",
+        [
+            "grid.variant=[full]",
+            "grid.seed=[0]",
+            f"data.root={tmp_path / 'data'}",
+            "data.n_train=64",
+            "data.n_eval=16",
+            "teachers.dinov3.path=null",
+            "train.epochs=1",
+            "train.batch_size=16",
+            "train.report_every=4",
+            "optim.warmup_steps=2",
+            "run.max_concurrent_trials=1",
+            f"run.storage_path={tmp_path / 'runs'}",
+        ],
+    )
     trials = pd.read_csv(Path(report).parent / "trials.csv")
     assert len(trials) == 1 and (trials["status"] == "TERMINATED").all(), trials["error"].tolist()
     for metric in ("mean_r@1", "zs_top1", "binding"):

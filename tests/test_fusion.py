@@ -144,7 +144,7 @@ def test_all_switches_off_is_weighted_merge_then_mean_pool():
     with torch.no_grad():
         fusion.merge_logits.copy_(torch.tensor([0.5, -1.0, 2.0, 0.1]))
     w = torch.softmax(fusion.merge_logits.detach(), 0)
-    maps = [fusion.scale_proj[l](ms[:, l]) for l in range(layers)] + [fusion.resize_student(tok)]
+    maps = [fusion.scale_proj[i](ms[:, i]) for i in range(layers)] + [fusion.resize_student(tok)]
     merged = sum(w[k] * maps[k] for k in range(layers + 1))
     torch.testing.assert_close(fusion.tokens(ms, tok), merged)
     torch.testing.assert_close(fusion(ms, tok), fusion.proj(merged.mean(1)))

@@ -165,7 +165,10 @@ def test_memory_grows_linearly_with_order():
     emb = torch.randn(n, 16)
     target = torch.stack([torch.randperm(n) for _ in range(b)])
     trans = Transition(16, 8, max_order=8)
-    mem = [saved_bytes(lambda: plackett_luce_loss(scores, target, r, None, lambda p, o: trans(emb, p, o))) for r in range(3, 9)]
+    mem = [
+        saved_bytes(lambda r=r: plackett_luce_loss(scores, target, r, None, lambda p, o: trans(emb, p, o)))
+        for r in range(3, 9)
+    ]
     steps = [y - x for x, y in zip(mem, mem[1:])]
     assert max(steps) == min(steps), steps  # the same cost per extra order: linear
     # a bounded number of [B, K, N] float tensors per order (counted once per op saving them)

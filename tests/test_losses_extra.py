@@ -159,7 +159,9 @@ def test_alip_weights_detached():
         vn, rn, cn = (F.normalize(x, dim=-1) for x in (v, tr, tc))
         w_s, w_r, w_c = w((rn * cn).sum(-1), (rn * vn).sum(-1), (cn * vn).sum(-1))
     assert not (w_s.requires_grad or w_r.requires_grad or w_c.requires_grad)
-    ref = (w_s * w_r * per_sample_clip_loss(v, tr, 12.0)).mean() + (w_s * w_c * per_sample_clip_loss(v, tc, 12.0)).mean()
+    ref = (w_s * w_r * per_sample_clip_loss(v, tr, 12.0)).mean() + (
+        w_s * w_c * per_sample_clip_loss(v, tc, 12.0)
+    ).mean()
     assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
     for g, r in zip(grads, torch.autograd.grad(ref, (v, tr, tc))):
         torch.testing.assert_close(g, r)
@@ -268,7 +270,9 @@ def test_ibot_masked_only_vs_plus_plus_hand():
     kw = dict(student_temp=1.0, teacher_temp=1.0)
     center = torch.zeros(2)
     assert ibot_loss(student, teacher, center, mask, **kw).item() == pytest.approx(h, abs=1e-6)
-    assert ibot_loss(student, teacher, center, mask, plus_plus=True, **kw).item() == pytest.approx((math.log(2) + h) / 2, abs=1e-6)
+    assert ibot_loss(student, teacher, center, mask, plus_plus=True, **kw).item() == pytest.approx(
+        (math.log(2) + h) / 2, abs=1e-6
+    )
     # centring by [ln 3, 0] makes token 1's teacher uniform: CE = −½ ln ¾ − ½ ln ¼
     centered = -(0.5 * math.log(0.75) + 0.5 * math.log(0.25))
     got = ibot_loss(student, teacher, torch.tensor([[[math.log(3), 0.0]]]), mask, **kw)
@@ -317,7 +321,7 @@ def test_ibot_gradcheck_float64():
     c = torch.randn(4, dtype=torch.float64) * 0.1
     mask = torch.tensor([[True, False, True], [False, False, True]])
     for pp in (False, True):
-        assert torch.autograd.gradcheck(lambda x: ibot_loss(x, t, c, mask, 0.1, 0.04, plus_plus=pp), (s,))
+        assert torch.autograd.gradcheck(lambda x, pp=pp: ibot_loss(x, t, c, mask, 0.1, 0.04, plus_plus=pp), (s,))
 
 
 # ----------------------------------------------------------------------------- schedules and EMA

@@ -10,10 +10,21 @@ import torch
 from raytrain.config import make_config
 from raytrain.methods import build_method, list_methods
 
-TINY = ["model.image.width=16", "model.image.heads=2", "model.image.patch=8", "model.text.width=16",
-        "model.text.heads=2", "model.embed_dim=8", "data.image_size=16", "data.context_length=6",
-        "teachers.dinov3.image_size=16", "teachers.dinov3.grid=2", "data.extra_captions=[caption_short]",
-        "cache.use=true", "cache.teachers=[dinov3,text,text_tokens,yolo]"]  # fmt: skip
+TINY = [
+    "model.image.width=16",
+    "model.image.heads=2",
+    "model.image.patch=8",
+    "model.text.width=16",
+    "model.text.heads=2",
+    "model.embed_dim=8",
+    "data.image_size=16",
+    "data.context_length=6",
+    "teachers.dinov3.image_size=16",
+    "teachers.dinov3.grid=2",
+    "data.extra_captions=[caption_short]",
+    "cache.use=true",
+    "cache.teachers=[dinov3,text,text_tokens,yolo]",
+]
 # what a method needs beyond TINY to build alone: DCLIP's phase 2 distils a phase-1 checkpoint
 # (tests/test_dclip.py covers that path) and its phase 1 has no evaluation
 NEEDS = {"dclip": ["dclip.distill=false"], "dclip_meta": ["train.eval=false"]}
@@ -72,7 +83,9 @@ def test_order_zero_trains_exactly_clip():
 def test_higher_order_starts_as_rankclip():
     """λ_r = 0 at init, so order 4 equals order 1 in value."""
     one, four = build(["loss.order=1"]), build(["loss.order=4"])
-    assert four(batch(), 3.0)[0].item() == pytest.approx(one(batch(), 3.0)[0].item(), rel=1e-6)  # float32 rounding of a ~20 loss
+    assert four(batch(), 3.0)[0].item() == pytest.approx(
+        one(batch(), 3.0)[0].item(), rel=1e-6
+    )  # float32 rounding of a ~20 loss
 
 
 @pytest.mark.parametrize("name", ["rankclip", "dinorankclip"])
@@ -127,7 +140,15 @@ def test_teacher_targets_leave_teacher_frozen():
 
 
 def test_dinorankclip_live_teacher_and_eval_injection():
-    method = build(["method=dinorankclip", "loss.order=2", "cache.use=false", "fusion.text_injection=false", "fusion.eval_inject=true"])
+    method = build(
+        [
+            "method=dinorankclip",
+            "loss.order=2",
+            "cache.use=false",
+            "fusion.text_injection=false",
+            "fusion.eval_inject=true",
+        ]
+    )
     b = batch()
     del b["dinov3_cls"], b["dinov3_multiscale"]
     loss, _ = method(b, 2.0)
@@ -155,7 +176,9 @@ def test_dinorankclip_evaluates_both_inference_modes(eval_inject):
         student, injected = method.embed_images(pixels, False), method.embed_images(pixels, True)
         own, other = (f(pixels) for f, _ in views.values())
     assert not torch.allclose(student, injected)
-    assert torch.equal(own, injected if eval_inject else student) and torch.equal(other, student if eval_inject else injected)
+    assert torch.equal(own, injected if eval_inject else student) and torch.equal(
+        other, student if eval_inject else injected
+    )
     assert all(p.grad is None and not p.requires_grad for p in method.teacher.parameters())
     plain = build(["method=dinorankclip", "fusion.image_injection=false", "fusion.text_injection=false"])
     assert list(plain.evaluations()) == [""]  # nothing to inject: one mode
@@ -175,7 +198,10 @@ def test_ablation_switches_keep_every_other_parts_initial_weights():
     switches: parts draw their init from their own streams (raytrain.models.init)."""
     from raytrain.tune.sweep import load_space, trial_overrides
 
-    space, base, trials = load_space(Path(__file__).resolve().parents[1] / "tune_spaces/ablations.yaml", ["grid.seed=[0]", "teachers.dinov3.path=null"])
+    space, base, trials = load_space(
+        Path(__file__).resolve().parents[1] / "tune_spaces/ablations.yaml",
+        ["grid.seed=[0]", "teachers.dinov3.path=null"],
+    )
 
     def weights(variant):
         cfg = trial_overrides({"variant": variant, "seed": 0}, space.variants, base)

@@ -25,8 +25,15 @@ def _trial(tid, order, seed, top1, r1, error=None):
     """One trial row; an error makes it an ERROR trial with NaN metrics."""
     if error:
         top1 = r1 = NAN
-    return {"trial_id": tid, "status": "ERROR" if error else "TERMINATED", "error": error,
-            "order": order, "seed": seed, "zs_top1": top1, "retr_r1": r1}
+    return {
+        "trial_id": tid,
+        "status": "ERROR" if error else "TERMINATED",
+        "error": error,
+        "order": order,
+        "seed": seed,
+        "zs_top1": top1,
+        "retr_r1": r1,
+    }
 
 
 @pytest.fixture
@@ -56,9 +63,16 @@ def _row(md, first_cell):
 
 
 def test_order_sweep(orders, tmp_path):
-    path = write_report(orders, tmp_path / "rep", group="order", metrics=["zs_top1", "retr_r1"],
-                        primary="zs_top1", title="Order sweep", group_label=LABELS,
-                        notes=["TensorBoard: `tensorboard --logdir ray_results/sweep`"])
+    path = write_report(
+        orders,
+        tmp_path / "rep",
+        group="order",
+        metrics=["zs_top1", "retr_r1"],
+        primary="zs_top1",
+        title="Order sweep",
+        group_label=LABELS,
+        notes=["TensorBoard: `tensorboard --logdir ray_results/sweep`"],
+    )
     assert path == tmp_path / "rep" / "report.md"
     md = path.read_text()
     assert md.startswith("# Order sweep")
@@ -95,13 +109,18 @@ def test_order_sweep(orders, tmp_path):
     pd.testing.assert_frame_equal(back, orders, check_dtype=False)
     # No temp files left behind by the atomic writes.
     assert sorted(p.name for p in (tmp_path / "rep").iterdir()) == [
-        "metrics_vs_order.png", "report.html", "report.md", "trials.csv"]
+        "metrics_vs_order.png",
+        "report.html",
+        "report.md",
+        "trials.csv",
+    ]
 
 
 def test_methods_with_baseline(tmp_path):
     trials, _ = _methods()
-    md = write_report(trials, tmp_path, group="method", metrics=["acc", "loss"], primary="acc",
-                      title="Methods", baseline="clip").read_text()
+    md = write_report(
+        trials, tmp_path, group="method", metrics=["acc", "loss"], primary="acc", title="Methods", baseline="clip"
+    ).read_text()
 
     assert _row(md, "method") == ["method", "acc", "loss", "n"]
     assert _row(md, "distill") == ["distill", "0.490 ± 0.010", "1.510 ± 0.010", "2"]
@@ -122,22 +141,27 @@ def test_metric_a_row_does_not_report_is_na_not_failed(tmp_path):
     says n/a; a row or baseline with no finished trial says failed."""
     trials, _ = _methods()
     trials["inject_acc"] = trials["acc"].where(trials["method"] != "distill")  # NaN for distill
-    md = write_report(trials, tmp_path, group="method", metrics=["acc", "inject_acc"], primary="acc",
-                      title="Methods", baseline="clip").read_text()
+    md = write_report(
+        trials, tmp_path, group="method", metrics=["acc", "inject_acc"], primary="acc", title="Methods", baseline="clip"
+    ).read_text()
     assert _row(md, "distill") == ["distill", "0.490 ± 0.010", "n/a", "2"]
     deltas = md.split("## Difference vs clip")[1].split("##")[0]
     assert _row(deltas, "distill") == ["distill", "-0.020", "n/a"]
     trials.loc[trials["method"] == "clip", "status"] = "ERROR"
-    md = write_report(trials, tmp_path, group="method", metrics=["acc", "inject_acc"], primary="acc",
-                      title="Methods", baseline="clip").read_text()
+    md = write_report(
+        trials, tmp_path, group="method", metrics=["acc", "inject_acc"], primary="acc", title="Methods", baseline="clip"
+    ).read_text()
     deltas = md.split("## Difference vs clip")[1].split("##")[0]
     assert _row(deltas, "rankclip") == ["rankclip", "failed", "failed"]
 
 
-@pytest.mark.parametrize("kw, col", [
-    ({"group": "R"}, "R"),
-    ({"metrics": ["zs_top1", "nope"]}, "nope"),
-])
+@pytest.mark.parametrize(
+    "kw, col",
+    [
+        ({"group": "R"}, "R"),
+        ({"metrics": ["zs_top1", "nope"]}, "nope"),
+    ],
+)
 def test_missing_column(orders, tmp_path, kw, col):
     args = {"group": "order", "metrics": ["zs_top1"], "primary": "zs_top1", **kw}
     with pytest.raises(ValueError, match=col):
@@ -147,8 +171,7 @@ def test_missing_column(orders, tmp_path, kw, col):
 
 def test_unknown_baseline(orders, tmp_path):
     with pytest.raises(ValueError, match="baseline"):
-        write_report(orders, tmp_path, group="order", metrics=["zs_top1"], primary="zs_top1",
-                     title="x", baseline=7)
+        write_report(orders, tmp_path, group="order", metrics=["zs_top1"], primary="zs_top1", title="x", baseline=7)
 
 
 # ---- HTML, deltas plot, training curves ------------------------------------------------------
@@ -156,14 +179,32 @@ def test_unknown_baseline(orders, tmp_path):
 CHROMIUM = "/usr/bin/chromium"
 # Flags that work offline (see infra/test.sh, which installs it): without the networking ones Chromium waits on
 # connections this machine refuses.
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 
 
 def _progress(loss0, steps=4, lr=True):
     """A trial's progress.csv as Tune writes it: one row per report, Tune's own columns too."""
-    rows = [{"loss": loss0 / s, "step": 16 * s, "epoch": s // 3, **({"lr": 1e-3 * s} if lr else {}),
-             "training_iteration": s, "done": False, "trial_id": "x"} for s in range(1, steps + 1)]
+    rows = [
+        {
+            "loss": loss0 / s,
+            "step": 16 * s,
+            "epoch": s // 3,
+            **({"lr": 1e-3 * s} if lr else {}),
+            "training_iteration": s,
+            "done": False,
+            "trial_id": "x",
+        }
+        for s in range(1, steps + 1)
+    ]
     return pd.DataFrame(rows).to_csv(index=False)
 
 
@@ -195,19 +236,39 @@ def _images(html):
 def _methods():
     """Three methods x two seeds, baseline clip, with fixture progress for every trial."""
     vals = {"clip": [0.50, 0.52], "rankclip": [0.55, 0.57], "distill": [0.48, 0.50]}
-    trials = pd.DataFrame([
-        {"trial_id": f"{m}{s}", "status": "TERMINATED", "error": None, "method": m, "seed": s,
-         "acc": v, "loss": 2.0 - v}
-        for m, vs in vals.items() for s, v in enumerate(vs)])
+    trials = pd.DataFrame(
+        [
+            {
+                "trial_id": f"{m}{s}",
+                "status": "TERMINATED",
+                "error": None,
+                "method": m,
+                "seed": s,
+                "acc": v,
+                "loss": 2.0 - v,
+            }
+            for m, vs in vals.items()
+            for s, v in enumerate(vs)
+        ]
+    )
     curves = {t: pd.read_csv(io.StringIO(_progress(2.0 + i / 10))) for i, t in enumerate(trials["trial_id"])}
     return trials, curves
 
 
 def test_html_report_inlines_every_plot(orders, progress_files, tmp_path):
     out = tmp_path / "rep"
-    md = write_report(orders, out, group="order", metrics=["zs_top1", "retr_r1"], primary="zs_top1",
-                      title="Order <sweep>", group_label=LABELS, notes=["logs: `tensorboard --logdir x`"],
-                      curves=_curves(progress_files), curve_metrics=["loss", "lr", "missing"]).read_text()
+    md = write_report(
+        orders,
+        out,
+        group="order",
+        metrics=["zs_top1", "retr_r1"],
+        primary="zs_top1",
+        title="Order <sweep>",
+        group_label=LABELS,
+        notes=["logs: `tensorboard --logdir x`"],
+        curves=_curves(progress_files),
+        curve_metrics=["loss", "lr", "missing"],
+    ).read_text()
     page = (out / "report.html").read_text()
     # Same content as the Markdown: summary rows, failed trials, notes; text is escaped.
     assert "<title>Order &lt;sweep&gt;</title>" in page and "<h1>Order &lt;sweep&gt;</h1>" in page
@@ -264,8 +325,9 @@ def test_deltas_plot_iff_baseline(tmp_path):
 
 
 def test_training_curves_from_progress_files(orders, progress_files):
-    fig = report._curve_plot(orders, _curves(progress_files), "order", {o: str(o) for o in range(4)},
-                             ["loss", "lr", "grad_norm"], "t")
+    fig = report._curve_plot(
+        orders, _curves(progress_files), "order", {o: str(o) for o in range(4)}, ["loss", "lr", "grad_norm"], "t"
+    )
     assert [ax.get_title() for ax in fig.axes] == ["loss", "lr"]  # grad_norm was never reported
     loss = fig.axes[0].lines
     assert len(loss) == 9  # the 9 trials with progress; order 3 never reported
@@ -284,8 +346,12 @@ def test_training_curves_from_progress_files(orders, progress_files):
 def _chromium(args, tmp_path):
     if not Path(CHROMIUM).exists():
         pytest.fail(f"{CHROMIUM} is missing: run infra/test.sh (as root it installs Debian's chromium)")
-    done = subprocess.run([CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium'}", *args],
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium'}", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
 
@@ -299,8 +365,16 @@ def _coloured(png):
 
 def test_html_renders_in_headless_chromium(tmp_path):
     trials, curves = _methods()
-    write_report(trials, tmp_path / "rep", group="method", metrics=["acc", "loss"], primary="acc",
-                 title="Methods", baseline="clip", curves=curves)
+    write_report(
+        trials,
+        tmp_path / "rep",
+        group="method",
+        metrics=["acc", "loss"],
+        primary="acc",
+        title="Methods",
+        baseline="clip",
+        curves=curves,
+    )
     page = tmp_path / "rep" / "report.html"
     # Copy with the first image's data broken: the check must tell the difference.
     broken = tmp_path / "broken.html"
@@ -313,7 +387,9 @@ def test_html_renders_in_headless_chromium(tmp_path):
     shots = {}
     for name, html in (("page", page), ("broken", broken)):
         shots[name] = tmp_path / f"{name}.png"
-        _chromium(["--hide-scrollbars", "--window-size=1280,4000", f"--screenshot={shots[name]}", html.as_uri()], tmp_path)
+        _chromium(
+            ["--hide-scrollbars", "--window-size=1280,4000", f"--screenshot={shots[name]}", html.as_uri()], tmp_path
+        )
     ok, bad = _coloured(shots["page"]), _coloured(shots["broken"])
     print(f"coloured pixels: {ok} (page), {bad} (one image broken)")
     assert ok > 20_000, f"only {ok} coloured pixels: plots not drawn"
@@ -335,6 +411,7 @@ def test_saved_space_is_the_sweep_that_ran(tmp_path):
     again, again_base, again_trials = load_space(tmp_path / "space.yaml")
     assert again_trials == trials and again.baseline == "full" and again.metrics == space.metrics
     assert again_base == base.override({"data.s3.access_key": None, "data.s3.secret_key": None})
+
 
 SPACE = """name: mini
 variants: {full: {}, no_gate: {fusion.gate: false}}
@@ -359,8 +436,16 @@ def test_cli_report_from_a_tune_experiment(tmp_path, ray_local, capsys):
             tune.report({"loss": 2.0 / step + seed, "step": step, "epoch": 0, "lr": 1e-3, "step_time": 0.1})
             if (variant, seed) == ("no_gate", 1) and not Path(config["marker"]).exists():
                 raise FloatingPointError(f"loss became nan at step {step} (epoch 0); lower optim.lr?")
-        tune.report({"loss": 0.05, "step": 24, "epoch": 1, "mean_r@1": SCORE[variant] + seed / 100,
-                     "zs_top1": 1 - SCORE[variant], "skipped_rows": 0})
+        tune.report(
+            {
+                "loss": 0.05,
+                "step": 24,
+                "epoch": 1,
+                "mean_r@1": SCORE[variant] + seed / 100,
+                "zs_top1": 1 - SCORE[variant],
+                "skipped_rows": 0,
+            }
+        )
 
     (tmp_path / "mini.yaml").write_text(SPACE)
     space, base, _ = load_space(tmp_path / "mini.yaml")
@@ -369,8 +454,12 @@ def test_cli_report_from_a_tune_experiment(tmp_path, ray_local, capsys):
     marker = tmp_path / "fixed"
     trainable = tune.with_resources(fake_trial, {"CPU": 0.5})
     param_space = {"marker": str(marker), **{k: tune.grid_search(v) for k, v in space.grid.items()}}
-    tune.Tuner(trainable, param_space=param_space, tune_config=tune.TuneConfig(reuse_actors=True),  # no process per trial
-               run_config=tune.RunConfig(name=exp.name, storage_path=str(exp.parent), verbose=0)).fit()
+    tune.Tuner(
+        trainable,
+        param_space=param_space,
+        tune_config=tune.TuneConfig(reuse_actors=True),  # no process per trial
+        run_config=tune.RunConfig(name=exp.name, storage_path=str(exp.parent), verbose=0),
+    ).fit()
 
     assert main(["report", str(exp)]) == 0
     assert f"report written to {exp / 'report.md'}" in capsys.readouterr().out
@@ -383,7 +472,11 @@ def test_cli_report_from_a_tune_experiment(tmp_path, ray_local, capsys):
     failed = md.split("## Failed trials")[1].split("##")[0]
     [bad] = [line for line in failed.splitlines() if "no_gate" in line]
     assert "| ERROR | FloatingPointError: loss became nan at step 8 (epoch 0); lower optim.lr? |" in bad
-    assert re.findall(r"!\[[^]]*\]\(([^)]+)\)", md) == ["metrics_vs_variant.png", "delta_vs_full.png", "training_curves.png"]
+    assert re.findall(r"!\[[^]]*\]\(([^)]+)\)", md) == [
+        "metrics_vs_variant.png",
+        "delta_vs_full.png",
+        "training_curves.png",
+    ]
     assert len(_images((exp / "report.html").read_text())) == 3
     trials = pd.read_csv(exp / "trials.csv")
     assert sorted(trials["status"]) == ["ERROR"] + ["TERMINATED"] * 3

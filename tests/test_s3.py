@@ -30,8 +30,11 @@ def png(color=(255, 0, 0), size=20) -> bytes:
 
 
 def good_rows(n=6, start=0):
-    return {"id": [f"r{i}" for i in range(start, start + n)], "image": [png((i * 20 % 256, 0, 0)) for i in range(start, start + n)],
-            "caption": [f"a red circle {i}" for i in range(start, start + n)]}  # fmt: skip
+    return {
+        "id": [f"r{i}" for i in range(start, start + n)],
+        "image": [png((i * 20 % 256, 0, 0)) for i in range(start, start + n)],
+        "caption": [f"a red circle {i}" for i in range(start, start + n)],
+    }
 
 
 def write_s3_dataset(uri: str, parts: dict, s3: S3Config | None = None) -> str:
@@ -69,7 +72,9 @@ def test_schema_errors_name_the_s3_file(s3_bucket):
 
 
 def test_no_parquet_on_s3(s3_bucket):
-    with pytest.raises(StorageError, match=rf"no parquet files under {s3_bucket}/empty/train \(S3 endpoint http://127\.0\.0\.1:\d+\)"):
+    with pytest.raises(
+        StorageError, match=rf"no parquet files under {s3_bucket}/empty/train \(S3 endpoint http://127\.0\.0\.1:\d+\)"
+    ):
         prepare(data_cfg(f"{s3_bucket}/empty"))
     with pytest.raises(StorageError, match=r"no parquet files under s3://no-such-bucket-x/ds/train"):
         prepare(data_cfg("s3://no-such-bucket-x/ds"))
@@ -114,8 +119,13 @@ def test_unreachable_endpoint_fails_fast_naming_path_and_endpoint(monkeypatch):
     )
     print(f"connection refused -> StorageError in {took:.2f} s")
     fs, base = resolve("s3://somebucket/ds")
-    _fails_fast(lambda: exists(fs, f"{base}/x"), rf"cannot check s3://somebucket/ds/x: S3 endpoint http://127\.0\.0\.1:{port}")
-    _fails_fast(lambda: write_atomic(fs, f"{base}/x", b"1"), rf"cannot write s3://somebucket/ds/x: S3 endpoint http://127\.0\.0\.1:{port}")
+    _fails_fast(
+        lambda: exists(fs, f"{base}/x"), rf"cannot check s3://somebucket/ds/x: S3 endpoint http://127\.0\.0\.1:{port}"
+    )
+    _fails_fast(
+        lambda: write_atomic(fs, f"{base}/x", b"1"),
+        rf"cannot write s3://somebucket/ds/x: S3 endpoint http://127\.0\.0\.1:{port}",
+    )
 
 
 def test_silent_endpoint_times_out_fast():
@@ -126,14 +136,18 @@ def test_silent_endpoint_times_out_fast():
         s.listen(16)  # the kernel completes connections; nothing ever reads or answers
         url = f"http://127.0.0.1:{s.getsockname()[1]}"
         cfg = data_cfg("s3://somebucket/ds", s3={"endpoint_url": url, "access_key": "k", "secret_key": "s"})
-        took = _fails_fast(lambda: prepare(cfg), rf"cannot list s3://somebucket/ds/train: S3 endpoint {url} is unreachable")
+        took = _fails_fast(
+            lambda: prepare(cfg), rf"cannot list s3://somebucket/ds/train: S3 endpoint {url} is unreachable"
+        )
     print(f"silent endpoint -> StorageError in {took:.2f} s")
 
 
 def test_endpoint_and_partial_credentials_are_checked(monkeypatch):
     for var in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(var, raising=False)
-    with pytest.raises(StorageError, match=r"s3://b/ds: S3 endpoint '127\.0\.0\.1:9000' must be a URL like http://host:port"):
+    with pytest.raises(
+        StorageError, match=r"s3://b/ds: S3 endpoint '127\.0\.0\.1:9000' must be a URL like http://host:port"
+    ):
         resolve("s3://b/ds", S3Config(endpoint_url="127.0.0.1:9000"))
     with pytest.raises(StorageError, match=r"an S3 access key is set but no secret key"):
         resolve("s3://b/ds", S3Config(endpoint_url="http://127.0.0.1:1", access_key="k"))
@@ -154,7 +168,9 @@ def test_write_atomic_and_exists_round_trip(where, tmp_path, request):
     assert read_bytes(fs, path) == big and fs.get_file_info(path).size == len(big)
     write_atomic(fs, path, b'{"v": 2}')  # overwrite
     assert read_bytes(fs, path) == b'{"v": 2}'
-    listing = [i.path for i in fs.get_file_info(pafs.FileSelector(base, recursive=True)) if i.type == pafs.FileType.File]
+    listing = [
+        i.path for i in fs.get_file_info(pafs.FileSelector(base, recursive=True)) if i.type == pafs.FileType.File
+    ]
     assert listing == [path]  # no temporary files left behind
     with pytest.raises(FileNotFoundError):
         read_bytes(fs, f"{base}/missing")
@@ -199,8 +215,14 @@ def auth_s3(moto_servers):
     iam.put_user_policy(UserName="trainer", PolicyName="s3", PolicyDocument=json.dumps(policy))
     key = iam.create_access_key(UserName="trainer")["AccessKey"]
     make_bucket(url, "authbucket")
-    write_s3_dataset("s3://authbucket/ds", {"part-0.parquet": good_rows()}, S3Config(endpoint_url=url, access_key=TEST_KEY, secret_key=TEST_SECRET))
-    req = urllib.request.Request(f"{url}/moto-api/reset-auth", data=b"0", method="POST", headers={"Content-Type": "text/plain"})
+    write_s3_dataset(
+        "s3://authbucket/ds",
+        {"part-0.parquet": good_rows()},
+        S3Config(endpoint_url=url, access_key=TEST_KEY, secret_key=TEST_SECRET),
+    )
+    req = urllib.request.Request(
+        f"{url}/moto-api/reset-auth", data=b"0", method="POST", headers={"Content-Type": "text/plain"}
+    )
     urllib.request.urlopen(req, timeout=5).read()  # from now on every request is authenticated
     return {"url": url, "key": key["AccessKeyId"], "secret": key["SecretAccessKey"]}
 
@@ -210,11 +232,17 @@ def test_bad_credentials_are_rejected_naming_the_path(auth_s3, monkeypatch):
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", auth_s3["key"])
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", auth_s3["secret"])
     assert prepare(data_cfg("s3://authbucket/ds")).num_rows == 6
-    for key, secret in [(auth_s3["key"], "wrong-secret"), ("AKIAUNKNOWNKEY000000", auth_s3["secret"]), (TEST_KEY, TEST_SECRET)]:
+    for key, secret in [
+        (auth_s3["key"], "wrong-secret"),
+        ("AKIAUNKNOWNKEY000000", auth_s3["secret"]),
+        (TEST_KEY, TEST_SECRET),
+    ]:
         monkeypatch.setenv("AWS_ACCESS_KEY_ID", key)
         monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
         t0 = time.monotonic()
-        with pytest.raises(StorageError, match=r"cannot list s3://authbucket/ds/train: S3 endpoint .* rejected the credentials") as e:
+        with pytest.raises(
+            StorageError, match=r"cannot list s3://authbucket/ds/train: S3 endpoint .* rejected the credentials"
+        ) as e:
             prepare(data_cfg("s3://authbucket/ds"))
         assert time.monotonic() - t0 < 5
         assert secret not in str(e.value)  # a secret never lands in a message
@@ -272,7 +300,18 @@ def test_teacher_cache_on_unreachable_s3_fails_naming_the_path(tmp_path, monkeyp
 
     make_dataset(data := tmp_path / "ds", n_train=8, n_eval=8, seed=0, image_size=32)
     dead = f"http://127.0.0.1:{free_port()}"
-    cfg = make_config({}, CACHE_TINY + [f"data.path={data}", "cache.path=s3://somebucket/cache", f"data.s3.endpoint_url={dead}",
-                                        "data.s3.access_key=k", "data.s3.secret_key=s"])  # fmt: skip
-    with pytest.raises(StorageError, match=rf"cannot read s3://somebucket/cache/manifest\.json: S3 endpoint {dead} is unreachable"):
+    cfg = make_config(
+        {},
+        CACHE_TINY
+        + [
+            f"data.path={data}",
+            "cache.path=s3://somebucket/cache",
+            f"data.s3.endpoint_url={dead}",
+            "data.s3.access_key=k",
+            "data.s3.secret_key=s",
+        ],
+    )
+    with pytest.raises(
+        StorageError, match=rf"cannot read s3://somebucket/cache/manifest\.json: S3 endpoint {dead} is unreachable"
+    ):
         build_cache(cfg)

@@ -48,7 +48,9 @@ def test_order_sweep_space_and_grid_override():
 def test_bad_trial_is_rejected_naming_trial_and_key(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text("name: s\ngrid: {loss.order: [1, 12]}\ngroup: loss.order\nmetrics: [mean_r@1]\nprimary: mean_r@1\n")
-    with pytest.raises(ConfigError, match=r"(?s)trial \{'loss.order': 12\}.*loss.order: Input should be less than or equal to 8"):
+    with pytest.raises(
+        ConfigError, match=r"(?s)trial \{'loss.order': 12\}.*loss.order: Input should be less than or equal to 8"
+    ):
         load_space(path)
     with pytest.raises(ConfigError, match="optim.lrr"):
         load_space(ROOT / "tune_spaces/order_sweep.yaml", ["optim.lrr=1"])

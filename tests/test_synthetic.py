@@ -15,19 +15,40 @@ from raytrain.data.synthetic import ensure_dataset, make_dataset, words
 
 N_TRAIN, N_EVAL = 1100, 40  # 1100 > 1024: two train shards
 
-OBJECT = pa.struct([("shape", pa.string()), ("color", pa.string()), ("size", pa.string()),
-                    ("texture", pa.string()), ("x", pa.float32()), ("y", pa.float32())])
-SCENE = [("id", pa.string()), ("image", pa.binary()), ("caption", pa.string()),
-         ("caption_short", pa.string()), ("captions", pa.list_(pa.string())),
-         ("attributes", pa.struct([("background", pa.string()), ("objects", pa.list_(OBJECT))]))]
+OBJECT = pa.struct(
+    [
+        ("shape", pa.string()),
+        ("color", pa.string()),
+        ("size", pa.string()),
+        ("texture", pa.string()),
+        ("x", pa.float32()),
+        ("y", pa.float32()),
+    ]
+)
+SCENE = [
+    ("id", pa.string()),
+    ("image", pa.binary()),
+    ("caption", pa.string()),
+    ("caption_short", pa.string()),
+    ("captions", pa.list_(pa.string())),
+    ("attributes", pa.struct([("background", pa.string()), ("objects", pa.list_(OBJECT))])),
+]
 EXPECTED = {
     "train/part-00000.parquet": SCENE,
     "train/part-00001.parquet": SCENE,
     "eval/retrieval.parquet": SCENE,
-    "eval/zeroshot.parquet": [("id", pa.string()), ("image", pa.binary()), ("label", pa.int32()),
-                              ("caption", pa.string())],
-    "eval/binding.parquet": [("id", pa.string()), ("image", pa.binary()), ("caption", pa.string()),
-                             ("negative", pa.string())],
+    "eval/zeroshot.parquet": [
+        ("id", pa.string()),
+        ("image", pa.binary()),
+        ("label", pa.int32()),
+        ("caption", pa.string()),
+    ],
+    "eval/binding.parquet": [
+        ("id", pa.string()),
+        ("image", pa.binary()),
+        ("caption", pa.string()),
+        ("negative", pa.string()),
+    ],
     "eval/ood.parquet": SCENE + [("negative", pa.string()), ("label", pa.int32())],
 }
 
@@ -51,7 +72,12 @@ def test_layout_schemas_and_counts(ds):
     out, manifest = ds
     assert sorted(p.name for p in (out / "train").iterdir()) == ["part-00000.parquet", "part-00001.parquet"]
     assert sorted(p.name for p in (out / "eval").iterdir()) == [
-        "binding.parquet", "classes.json", "ood.parquet", "retrieval.parquet", "zeroshot.parquet"]
+        "binding.parquet",
+        "classes.json",
+        "ood.parquet",
+        "retrieval.parquet",
+        "zeroshot.parquet",
+    ]
     for rel, fields in EXPECTED.items():
         schema = pq.read_schema(out / rel)
         assert [(f.name, f.type) for f in schema] == fields, rel
@@ -59,8 +85,14 @@ def test_layout_schemas_and_counts(ds):
     assert manifest == json.loads((out / "manifest.json").read_text())
     assert manifest["schema_version"] == 1
     assert manifest["params"] == {"n_train": N_TRAIN, "n_eval": N_EVAL, "seed": 3, "image_size": 32}
-    assert manifest["counts"] == {"train": N_TRAIN, "train_shards": 2, "retrieval": N_EVAL,
-                                  "zeroshot": N_EVAL, "binding": N_EVAL, "ood": N_EVAL}
+    assert manifest["counts"] == {
+        "train": N_TRAIN,
+        "train_shards": 2,
+        "retrieval": N_EVAL,
+        "zeroshot": N_EVAL,
+        "binding": N_EVAL,
+        "ood": N_EVAL,
+    }
     assert [pq.read_metadata(out / f"train/part-0000{i}.parquet").num_rows for i in (0, 1)] == [1024, 76]
     train = train_rows(out)
     assert [r["id"] for r in train] == [f"train-{i:07d}" for i in range(N_TRAIN)]
@@ -196,11 +228,16 @@ def test_reuse_and_param_mismatch(tmp_path):
         make_dataset(tmp_path / "junk", 20, 8)
 
 
-@pytest.mark.parametrize("kwargs, name", [
-    (dict(n_train=0, n_eval=5), "n_train"), (dict(n_train=5, n_eval=-1), "n_eval"),
-    (dict(n_train=5, n_eval=5, image_size=8), "image_size"), (dict(n_train=5, n_eval=5, seed=-1), "seed"),
-    (dict(n_train=2.5, n_eval=5), "n_train"),
-])
+@pytest.mark.parametrize(
+    "kwargs, name",
+    [
+        (dict(n_train=0, n_eval=5), "n_train"),
+        (dict(n_train=5, n_eval=-1), "n_eval"),
+        (dict(n_train=5, n_eval=5, image_size=8), "image_size"),
+        (dict(n_train=5, n_eval=5, seed=-1), "seed"),
+        (dict(n_train=2.5, n_eval=5), "n_train"),
+    ],
+)
 def test_argument_validation(tmp_path, kwargs, name):
     with pytest.raises(ValueError, match=name):
         make_dataset(tmp_path / "ds", **kwargs)

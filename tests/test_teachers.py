@@ -135,7 +135,9 @@ def check_regions(regions, k):
         # padding: zero boxes / conf / area, class -1, after every valid region
         n = int(r.valid.sum())
         assert r.valid[:n].all() and not r.valid[n:].any()
-        assert (r.boxes[n:] == 0).all() and (r.conf[n:] == 0).all() and (r.area[n:] == 0).all() and (r.cls[n:] == -1).all()
+        assert (
+            (r.boxes[n:] == 0).all() and (r.conf[n:] == 0).all() and (r.area[n:] == 0).all() and (r.cls[n:] == -1).all()
+        )
         assert (r.conf[:n].diff() <= 0).all()  # highest confidence first
         wh = (r.boxes[:, 2:] - r.boxes[:, :2]).clamp(min=0)
         torch.testing.assert_close(r.area, wh[:, 0] * wh[:, 1])
@@ -197,7 +199,9 @@ def test_yolo_import_build_predict_make_no_connection_attempt(tmp_path):
     )
     env = {k: v for k, v in os.environ.items() if k not in ("YOLO_CONFIG_DIR", "YOLO_OFFLINE", "PYTEST_CURRENT_TEST")}
     env["XDG_CACHE_HOME"] = str(tmp_path / "cache")  # the module's default private config dir lands here
-    proc = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["control"] == ["getaddrinfo"]  # the blocker works in that interpreter

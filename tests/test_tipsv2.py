@@ -17,10 +17,23 @@ from raytrain.methods.tipsv2 import PrototypeHead, random_masks, run_steps, samp
 from raytrain.models.encoders import ImageTower, pool_tokens
 from raytrain.train.engine import DDPEngine
 
-TINY = ["method=tipsv2", "model.image.width=16", "model.image.heads=2", "model.image.patch=8", "model.text.width=16",
-        "model.text.heads=2", "model.embed_dim=8", "data.image_size=32", "data.context_length=6",
-        "teachers.dinov3.grid=2", "data.extra_captions=[caption_short]", "cache.use=true",
-        "tipsv2.prototypes=16", "tipsv2.head_hidden=16", "tipsv2.head_bottleneck=8"]  # fmt: skip
+TINY = [
+    "method=tipsv2",
+    "model.image.width=16",
+    "model.image.heads=2",
+    "model.image.patch=8",
+    "model.text.width=16",
+    "model.text.heads=2",
+    "model.embed_dim=8",
+    "data.image_size=32",
+    "data.context_length=6",
+    "teachers.dinov3.grid=2",
+    "data.extra_captions=[caption_short]",
+    "cache.use=true",
+    "tipsv2.prototypes=16",
+    "tipsv2.head_hidden=16",
+    "tipsv2.head_bottleneck=8",
+]
 
 
 @pytest.fixture(autouse=True)
@@ -143,17 +156,25 @@ def test_method_loss_is_the_weighted_sum_of_its_terms():
     method = build("tipsv2.patch_weight=0.5", "tipsv2.ibot_weight=2.0")
     loss, logs = method(batch(), 1.0)
     assert logs["patch_distill"] > 0 and logs["ibot"] > 0
-    assert loss.item() == pytest.approx((logs["clip"] + 0.5 * logs["patch_distill"] + 2.0 * logs["ibot"]).item(), rel=1e-6)
+    assert loss.item() == pytest.approx(
+        (logs["clip"] + 0.5 * logs["patch_distill"] + 2.0 * logs["ibot"]).item(), rel=1e-6
+    )
     assert logs["teacher_temp"] == pytest.approx(0.04) and logs["ema_momentum"] == pytest.approx(0.996)
     only_clip = build("tipsv2.patch_weight=0", "tipsv2.ibot_weight=0")
-    assert only_clip.head is None and only_clip.project is None and not any(k.startswith("ema.") for k in only_clip.state_dict())
+    assert (
+        only_clip.head is None
+        and only_clip.project is None
+        and not any(k.startswith("ema.") for k in only_clip.state_dict())
+    )
     assert set(only_clip(batch(), 1.0)[1]) == {"clip", "logit_scale"}
 
 
 def test_ema_of_the_full_tower_starts_as_the_head_only_ema():
     """At initialization the EMA tower equals the student's, so both scopes give one loss."""
     head, full = build(), build("tipsv2.ema_scope=full")
-    assert any(k.startswith("ema.image.") for k in full.state_dict()) and not any(k.startswith("ema.image.") for k in head.state_dict())
+    assert any(k.startswith("ema.image.") for k in full.state_dict()) and not any(
+        k.startswith("ema.image.") for k in head.state_dict()
+    )
     assert full(batch(), 1.0)[0].item() == pytest.approx(head(batch(), 1.0)[0].item(), rel=1e-5)
 
 
@@ -181,7 +202,9 @@ def test_after_step_moves_the_ema_by_the_scheduled_momentum(scope):
         assert all(b.grad is None for b in method.ema.buffers())
         before = {n: {k: v.clone() for k, v in m.named_buffers()} for n, m in method.ema.items()}
         student = {n: dict(sources[n].named_parameters()) for n in method.ema}
-        assert any(not torch.equal(before["head"][k], student["head"][k]) for k in before["head"])  # the head moved away
+        assert any(
+            not torch.equal(before["head"][k], student["head"][k]) for k in before["head"]
+        )  # the head moved away
         method.after_step()
         for name, ema in method.ema.items():
             for k, v in ema.named_buffers():
@@ -196,7 +219,9 @@ def test_ema_state_is_saved_and_resumed():
         method.after_step()
     state = method.state_dict()
     assert int(state["steps"]) == 2 and state["center"].abs().sum() > 0
-    assert {k for k in state if k.startswith("ema.head.")} == {f"ema.head.{k}" for k, _ in method.head.named_parameters()}
+    assert {k for k in state if k.startswith("ema.head.")} == {
+        f"ema.head.{k}" for k, _ in method.head.named_parameters()
+    }
     assert not any(k.startswith("teacher.") for k in state)
     fresh = build()
     assert not torch.equal(fresh.ema["head"].prototypes, method.ema["head"].prototypes)  # the trained EMA moved
@@ -223,7 +248,12 @@ def test_caption_sampling_distribution_rows_and_determinism():
 
 def test_method_draws_are_reproducible_per_step():
     method = build("tipsv2.caption_weights=[1,1]")
-    draw = lambda step: sample_captions([batch()["tokens"], batch()["tokens_caption_short"]], (1, 1), method.generator(step, "captions"))[1]  # noqa: E731
+
+    def draw(step):
+        return sample_captions(
+            [batch()["tokens"], batch()["tokens_caption_short"]], (1, 1), method.generator(step, "captions")
+        )[1]
+
     assert torch.equal(draw(3), draw(3)) and not all(torch.equal(draw(3), draw(s)) for s in range(4, 8))
     # both granularities reach the loss: its value depends on which caption was drawn
     loss = lambda *o: build(*o)(batch(), 1.0)[1]["clip"].item()  # noqa: E731
@@ -250,7 +280,9 @@ def test_a_few_steps_on_a_fixed_batch_lower_the_loss():
 
 
 def test_config_checks_name_the_key():
-    with pytest.raises(ConfigError, match=r"tipsv2.captions reads \['caption_short'\]: add them to data.extra_captions"):
+    with pytest.raises(
+        ConfigError, match=r"tipsv2.captions reads \['caption_short'\]: add them to data.extra_captions"
+    ):
         make_config({}, ["method=tipsv2"])
     ok = ["method=tipsv2", "data.extra_captions=[caption_short]"]
     with pytest.raises(ConfigError, match="needs 'dinov3' in cache.teachers"):
@@ -275,19 +307,24 @@ def test_run_steps_counts_like_the_training_loop():
 
 def test_sweep_on_the_embedded_data(tmp_path, ray_local):
     """A one-trial space through the sweep code on the embedded default (generated under
-    tmp_path), with the live DINOv3 teacher and the evaluation suite (~45 s on an idle 2-core machine, mostly startup)."""
+    tmp_path), with the live DINOv3 teacher and the evaluation suite (~45 s on an idle 2-core machine,
+    mostly startup)."""
     from raytrain.tune.sweep import run_sweep
 
     space = tmp_path / "tipsv2.yaml"
     space.write_text(
         "name: tipsv2_smoke\n"
         "config: {method: tipsv2, data: {n_train: 64, n_eval: 16, extra_captions: [caption_short], num_cpus: 0.1},"
-        " train: {epochs: 1, batch_size: 16, report_every: 4, cpus_per_worker: 0.45}, run: {max_concurrent_trials: 1}}\n"
+        " train: {epochs: 1, batch_size: 16, report_every: 4, cpus_per_worker: 0.45},"
+        " run: {max_concurrent_trials: 1}}\n"
         "grid: {tipsv2.ibot_plus_plus: [true]}\ngroup: tipsv2.ibot_plus_plus\n"
         "metrics: [loss, clip, ibot, patch_distill, mean_r@1]\nprimary: mean_r@1\n"
     )
     overrides = [t for t in TINY[1:] if not t.startswith(("data.extra_captions", "cache.", "teachers."))]
-    report = run_sweep(space, overrides + ["cache.use=false", f"data.root={tmp_path / 'data'}", f"run.storage_path={tmp_path / 'runs'}"])
+    report = run_sweep(
+        space,
+        overrides + ["cache.use=false", f"data.root={tmp_path / 'data'}", f"run.storage_path={tmp_path / 'runs'}"],
+    )
     trials = pd.read_csv(Path(report).parent / "trials.csv")
     assert len(trials) == 1 and (trials["status"] == "TERMINATED").all(), trials["error"].tolist()
     for column in ("loss", "clip", "ibot", "patch_distill", "mean_r@1"):

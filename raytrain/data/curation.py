@@ -97,7 +97,10 @@ def default_concepts(data: DataConfig) -> list[str]:
     """The embedded default's concepts, from the vocabulary of its grammar: colours, shapes,
     sizes, textures, backgrounds and the colour-shape classes (its "class names")."""
     if data.path != "embedded":
-        raise CurationError(f"data.path={data.path}: give the concept list (--concepts FILE); only the embedded default has one built in")
+        raise CurationError(
+            f"data.path={data.path}: give the concept list (--concepts FILE); "
+            "only the embedded default has one built in"
+        )
     from raytrain.data.synthetic import BACKGROUNDS, CLASSES, COLORS, SHAPES, SIZES, TEXTURES
 
     return [*COLORS, *SHAPES, *SIZES, *TEXTURES, *BACKGROUNDS, *CLASSES]
@@ -120,8 +123,13 @@ class ConceptMatcher:
 def _match(batch: pa.Table, matcher: ConceptMatcher, caption: str) -> pa.Table:
     """map_batches: id, path and the concepts each caption reaches (empty list: none)."""
     concepts = [matcher(c) for c in batch.column(caption).to_pylist()]
-    return pa.table({"id": batch.column("id").cast(pa.string()), "path": batch.column("path"),
-                     "concepts": pa.array(concepts, pa.list_(pa.int32()))})  # fmt: skip
+    return pa.table(
+        {
+            "id": batch.column("id").cast(pa.string()),
+            "path": batch.column("path"),
+            "concepts": pa.array(concepts, pa.list_(pa.int32())),
+        }
+    )
 
 
 def priority(seed: int, row_id: str) -> int:
@@ -129,7 +137,9 @@ def priority(seed: int, row_id: str) -> int:
     return int.from_bytes(hashlib.blake2b(f"{seed}:{row_id}".encode(), digest_size=8).digest(), "big")
 
 
-def select(matches: dict[str, Iterable[int]], concepts: Sequence[str], cap: int, seed: int) -> tuple[dict[str, int], list[int]]:
+def select(
+    matches: dict[str, Iterable[int]], concepts: Sequence[str], cap: int, seed: int
+) -> tuple[dict[str, int], list[int]]:
     """The paper's balancing: concepts from the fewest matching rows to the most (ties by words),
     each taking up to `cap` of its rows that no earlier concept took, in the seeded random order.
     `matches`: row id → indices of the concepts its caption reaches. Returns (row id → index of
@@ -148,7 +158,9 @@ def select(matches: dict[str, Iterable[int]], concepts: Sequence[str], cap: int,
     return taken, order
 
 
-def counts(matches: dict[str, Iterable[int]], taken: dict[str, int], concepts: Sequence[str], order: Sequence[int]) -> list[dict]:
+def counts(
+    matches: dict[str, Iterable[int]], taken: dict[str, int], concepts: Sequence[str], order: Sequence[int]
+) -> list[dict]:
     """Per concept, in `order`: rows reaching it before curation, rows it took, rows reaching it after."""
     before, after, took = (np.zeros(len(concepts), np.int64) for _ in range(3))
     for row, found in matches.items():
@@ -157,7 +169,10 @@ def counts(matches: dict[str, Iterable[int]], taken: dict[str, int], concepts: S
         if row in taken:
             after[found] += 1
             took[taken[row]] += 1
-    return [{"concept": concepts[c], "before": int(before[c]), "selected": int(took[c]), "after": int(after[c])} for c in order]
+    return [
+        {"concept": concepts[c], "before": int(before[c]), "selected": int(took[c]), "after": int(after[c])}
+        for c in order
+    ]
 
 
 def _write_shards(batch: dict, files: Sequence[str], fs, out_fs, out_root: str) -> dict:
@@ -186,16 +201,23 @@ def curate(data: DataConfig, out: str, concepts: Sequence[str], cap: int = 2000,
     out_fs, root = resolve(out, data.s3)
     for name in (REPORT, "train"):
         if exists(out_fs, posixpath.join(root, name)):
-            raise CurationError(f"{out} already holds a dataset ({name}); curation writes a new one: choose another directory")
+            raise CurationError(
+                f"{out} already holds a dataset ({name}); curation writes a new one: choose another directory"
+            )
     src = prepare(data)
     fs, _ = resolve(src.path, data.s3)
     if not ray.is_initialized():
         ray.init()
 
-    ds = ray.data.read_parquet(list(src.files), filesystem=fs, columns=["id", data.caption_column], include_paths=True,
-                               num_cpus=data.num_cpus)  # fmt: skip
-    ds = ds.map_batches(_match, fn_kwargs={"matcher": matcher, "caption": data.caption_column}, batch_format="pyarrow",
-                        num_cpus=data.num_cpus)  # fmt: skip
+    ds = ray.data.read_parquet(
+        list(src.files), filesystem=fs, columns=["id", data.caption_column], include_paths=True, num_cpus=data.num_cpus
+    )
+    ds = ds.map_batches(
+        _match,
+        fn_kwargs={"matcher": matcher, "caption": data.caption_column},
+        batch_format="pyarrow",
+        num_cpus=data.num_cpus,
+    )
     matches: dict[str, list[int]] = {}
     file_of: dict[str, str] = {}
     for batch in ds.iter_batches(batch_format="pyarrow", batch_size=4096):
@@ -216,24 +238,42 @@ def curate(data: DataConfig, out: str, concepts: Sequence[str], cap: int = 2000,
     if per_file:
         items = [{"index": i, "ids": sorted(ids)} for i, ids in sorted(per_file.items())]
         ray.data.from_items(items).map_batches(
-            _write_shards, fn_kwargs={"files": src.files, "fs": fs, "out_fs": out_fs, "out_root": root},
-            batch_size=1, num_cpus=data.num_cpus,
-        ).materialize()  # fmt: skip
+            _write_shards,
+            fn_kwargs={"files": src.files, "fs": fs, "out_fs": out_fs, "out_root": root},
+            batch_size=1,
+            num_cpus=data.num_cpus,
+        ).materialize()
     if src.eval_dir:  # the evaluation splits, as they are
         for p in sorted(Path(src.eval_dir).rglob("*")):
             if p.is_file():
-                write_atomic(out_fs, posixpath.join(root, "eval", p.relative_to(src.eval_dir).as_posix()), p.read_bytes())
+                write_atomic(
+                    out_fs, posixpath.join(root, "eval", p.relative_to(src.eval_dir).as_posix()), p.read_bytes()
+                )
     if src.vocabulary is not None:
-        write_atomic(out_fs, posixpath.join(root, "manifest.json"), json.dumps({"vocabulary": list(src.vocabulary)}).encode())
+        write_atomic(
+            out_fs, posixpath.join(root, "manifest.json"), json.dumps({"vocabulary": list(src.vocabulary)}).encode()
+        )
 
     table = counts(matches, taken, concepts, order)
-    report = {"source": src.path, "cap": cap, "seed": seed, "rows_before": src.num_rows, "rows_matched": len(matches),
-              "rows_after": len(taken), "files": len(per_file), "concepts": table}  # fmt: skip
+    report = {
+        "source": src.path,
+        "cap": cap,
+        "seed": seed,
+        "rows_before": src.num_rows,
+        "rows_matched": len(matches),
+        "rows_after": len(taken),
+        "files": len(per_file),
+        "concepts": table,
+    }
     write_atomic(out_fs, posixpath.join(root, REPORT), json.dumps(report, indent=1).encode())
     width = max(len(r["concept"]) for r in table)
     print(f"| {'concept':<{width}} | before | selected | after |\n|{'-' * (width + 2)}|-------:|---------:|------:|")
     for r in table:
         print(f"| {r['concept']:<{width}} | {r['before']:>6} | {r['selected']:>8} | {r['after']:>5} |")
-    print(f"raytrain: curated {len(taken)} of {src.num_rows} rows ({len(matches)} reach a concept; at most {cap} per concept, "
-          f"rarest first, seed {seed}) into {out}; counts in {posixpath.join(out, REPORT)}", flush=True)  # fmt: skip
+    print(
+        f"raytrain: curated {len(taken)} of {src.num_rows} rows "
+        f"({len(matches)} reach a concept; at most {cap} per concept, "
+        f"rarest first, seed {seed}) into {out}; counts in {posixpath.join(out, REPORT)}",
+        flush=True,
+    )
     return report

@@ -41,8 +41,8 @@ from __future__ import annotations
 import json
 import re
 import tarfile
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -103,7 +103,7 @@ def _hints(cfg: DataConfig) -> dict[str, str]:
         cfg.image_column: "the metadata file of an output_format=webdataset download (then data.format=webdataset)? "
         "or images encoded with another --encode_format (set data.image_column)",
         cfg.caption_column: "img2dataset writes captions only when run with --caption_col",
-    }  # fmt: skip
+    }
 
 
 def check_files(fs: pafs.FileSystem, files, cfg: DataConfig) -> int:
@@ -149,8 +149,11 @@ def normalize(table: pa.Table, cfg: DataConfig) -> pa.Table:
     if "status" in table.column_names:
         image = table[cfg.image_column]
         ok = pc.equal(table["status"], "success")  # null status: null, so no image either
-        table = table.set_column(table.column_names.index(cfg.image_column), cfg.image_column,
-                                 pc.if_else(ok, image, pa.scalar(None, image.type)))  # fmt: skip
+        table = table.set_column(
+            table.column_names.index(cfg.image_column),
+            cfg.image_column,
+            pc.if_else(ok, image, pa.scalar(None, image.type)),
+        )
         table = table.drop_columns(["status"])
     names = {"key": "id", cfg.image_column: "image"}
     return table.rename_columns([names.get(n, n) for n in table.column_names])
@@ -166,7 +169,9 @@ def read_file(fs: pafs.FileSystem, path: str, cfg: DataConfig, columns=None) -> 
     return (pa.concat_tables(tables) if tables else schema.empty_table()).select(columns)
 
 
-def iter_tar(fs: pafs.FileSystem, path: str, cfg: DataConfig, images: bool = True, rows: int = CHUNK_ROWS) -> Iterator[pa.Table]:
+def iter_tar(
+    fs: pafs.FileSystem, path: str, cfg: DataConfig, images: bool = True, rows: int = CHUNK_ROWS
+) -> Iterator[pa.Table]:
     """A tar's samples as normalized tables of up to `rows` rows (image bytes read only with
     `images`); SchemaError naming the file when it is truncated or not a tar."""
     schema = _schema(cfg)
@@ -176,7 +181,9 @@ def iter_tar(fs: pafs.FileSystem, path: str, cfg: DataConfig, images: bool = Tru
         meta = _json(members.get("json")) if cfg.extra_captions else {}
         batch["id"].append(key)
         batch["image"].append(next((members[e] for e in IMAGE_EXTENSIONS if members.get(e) is not None), None))
-        batch[cfg.caption_column].append(None if members.get("txt") is None else members["txt"].decode("utf-8", "replace"))
+        batch[cfg.caption_column].append(
+            None if members.get("txt") is None else members["txt"].decode("utf-8", "replace")
+        )
         for c in cfg.extra_captions:
             batch[c].append(None if meta.get(c) is None else str(meta[c]))
         if len(batch["id"]) == rows:
@@ -226,8 +233,10 @@ def _tar_samples(fs: pafs.FileSystem, path: str, size: int, read=frozenset()) ->
                         yield key, members
                         seen.add(key)
                     if name in seen:
-                        raise SchemaError(f"{shown}: the members of sample {name!r} are not adjacent (WebDataset needs each "
-                                          "sample's files together: re-create the tar sorted by name)")  # fmt: skip
+                        raise SchemaError(
+                            f"{shown}: the members of sample {name!r} are not adjacent (WebDataset needs each "
+                            "sample's files together: re-create the tar sorted by name)"
+                        )
                     key, members = name, {}
                 members[extension] = tar.extractfile(info).read() if extension in read else None
             end = tar.offset  # where the last member ends
@@ -237,7 +246,9 @@ def _tar_samples(fs: pafs.FileSystem, path: str, size: int, read=frozenset()) ->
         raise storage_error(fs, "read", shown, e) from None
     if size < end + TAR_END:
         after = f" after sample {key!r}" if key is not None else ""
-        raise SchemaError(f"{shown}: truncated tar: it ends at byte {size}{after} without tar's end-of-archive blocks "
-                          "(an interrupted download or write? fetch or write the shard again, or remove it)")  # fmt: skip
+        raise SchemaError(
+            f"{shown}: truncated tar: it ends at byte {size}{after} without tar's end-of-archive blocks "
+            "(an interrupted download or write? fetch or write the shard again, or remove it)"
+        )
     if key is not None:
         yield key, members

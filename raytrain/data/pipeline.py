@@ -74,11 +74,16 @@ def train_dataset(src: DataSource, cfg: DataConfig, seed: int, cache=None):
         # column, .jpg/.png/.webp apart, and by default decodes images itself)
         ds = ray.data.from_items([{"path": f} for f in src.files], override_num_blocks=len(src.files))
         ds = ds.randomize_block_order(seed=seed).map_batches(
-            partial(_read_tars, fs=fs, cfg=cfg, with_path=with_path), batch_format="pyarrow", batch_size=1, num_cpus=cfg.num_cpus
+            partial(_read_tars, fs=fs, cfg=cfg, with_path=with_path),
+            batch_format="pyarrow",
+            batch_size=1,
+            num_cpus=cfg.num_cpus,
         )
     else:
         columns = read_columns(cfg, ["id", "image", cfg.caption_column, *cfg.extra_captions])
-        ds = ray.data.read_parquet(list(src.files), filesystem=fs, columns=columns, num_cpus=cfg.num_cpus, include_paths=with_path)
+        ds = ray.data.read_parquet(
+            list(src.files), filesystem=fs, columns=columns, num_cpus=cfg.num_cpus, include_paths=with_path
+        )
         ds = ds.randomize_block_order(seed=seed)
         if cfg.format == "img2dataset":
             ds = ds.map_batches(partial(normalize, cfg=cfg), batch_format="pyarrow", num_cpus=cfg.num_cpus)

@@ -21,7 +21,9 @@ def train_columns(caption_column: str = "caption", extra_captions=()) -> dict[st
     return {"id": STRING, "image": BINARY, caption_column: STRING, **{c: STRING for c in extra_captions}}
 
 
-def validate_schema(schema: pa.Schema, where: str, columns: dict[str, tuple], hints: dict[str, str] | None = None) -> None:
+def validate_schema(
+    schema: pa.Schema, where: str, columns: dict[str, tuple], hints: dict[str, str] | None = None
+) -> None:
     """Raise SchemaError naming `where` and the first of `columns` (name → accepted types) that
     is missing or mistyped; `hints` adds a sentence for a missing column."""
     for column, types in columns.items():

@@ -31,8 +31,17 @@ CONNECT_TIMEOUT_S = 2.0
 REQUEST_TIMEOUT_S = 3.0
 MAX_ATTEMPTS = 2
 
-_CREDENTIAL_ERRORS = ("INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "ACCESS_DENIED", "InvalidAccessKeyId",
-                      "SignatureDoesNotMatch", "AccessDenied", "EXPIRED_TOKEN", "InvalidToken", "HTTP status 403")  # fmt: skip
+_CREDENTIAL_ERRORS = (
+    "INVALID_ACCESS_KEY_ID",
+    "SIGNATURE_DOES_NOT_MATCH",
+    "ACCESS_DENIED",
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "AccessDenied",
+    "EXPIRED_TOKEN",
+    "InvalidToken",
+    "HTTP status 403",
+)
 
 
 class StorageError(OSError):
@@ -60,8 +69,10 @@ def s3_filesystem(s3: S3Config | None = None, shown: str = "s3://", **extra) -> 
     secret_key = s3.secret_key or os.environ.get("AWS_SECRET_ACCESS_KEY") or None
     if (access_key is None) != (secret_key is None):
         have, missing = ("access key", "secret key") if access_key else ("secret key", "access key")
-        raise StorageError(f"{shown}: an S3 {have} is set but no {missing} (data.s3.access_key/secret_key "
-                           "or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)")  # fmt: skip
+        raise StorageError(
+            f"{shown}: an S3 {have} is set but no {missing} (data.s3.access_key/secret_key "
+            "or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY)"
+        )
     kwargs = dict(
         access_key=access_key,
         secret_key=secret_key,
@@ -112,11 +123,15 @@ def storage_error(fs: pafs.FileSystem, what: str, shown: str, e: BaseException) 
     where = endpoint(fs) or f"AWS S3 ({fs.region})"
     text = str(e)
     if "NETWORK_CONNECTION" in text or "curlCode" in text:
-        return StorageError(f"cannot {what} {shown}: S3 endpoint {where} is unreachable "
-                            f"(check data.s3.endpoint_url / AWS_ENDPOINT_URL and that the server is up): {text}")  # fmt: skip
+        return StorageError(
+            f"cannot {what} {shown}: S3 endpoint {where} is unreachable "
+            f"(check data.s3.endpoint_url / AWS_ENDPOINT_URL and that the server is up): {text}"
+        )
     if any(code in text for code in _CREDENTIAL_ERRORS):
-        return StorageError(f"cannot {what} {shown}: S3 endpoint {where} rejected the credentials or denied access "
-                            f"(check data.s3.access_key/secret_key or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY): {text}")  # fmt: skip
+        return StorageError(
+            f"cannot {what} {shown}: S3 endpoint {where} rejected the credentials or denied access "
+            f"(check data.s3.access_key/secret_key or AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY): {text}"
+        )
     return StorageError(f"cannot {what} {shown} (S3 endpoint {where}): {text}")
 
 

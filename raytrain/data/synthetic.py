@@ -58,28 +58,49 @@ SUPERSAMPLE = 4  # draw at 4x then box-average: cheap antialiasing
 NOISE_STD = 3.0  # pixel noise (0-255 scale)
 
 COLORS = {
-    "red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 225), "yellow": (240, 215, 30),
-    "purple": (140, 60, 190), "orange": (245, 140, 20), "pink": (245, 135, 195),
+    "red": (220, 40, 40),
+    "green": (40, 170, 60),
+    "blue": (40, 80, 225),
+    "yellow": (240, 215, 30),
+    "purple": (140, 60, 190),
+    "orange": (245, 140, 20),
+    "pink": (245, 135, 195),
 }
 SHAPES = ("circle", "square", "triangle", "star", "cross", "diamond")
 SIZES = {"small": 0.13, "large": 0.21}  # radius as a fraction of the image side
 TEXTURES = ("solid", "striped", "dotted")
 # Background names are never colour names, so "on a red background" cannot blur the colour words.
 BACKGROUNDS = {
-    "grey": (128, 128, 128), "white": (235, 235, 235), "black": (25, 25, 25),
-    "beige": (215, 200, 160), "brown": (105, 75, 50), "teal": (30, 120, 120),
+    "grey": (128, 128, 128),
+    "white": (235, 235, 235),
+    "black": (25, 25, 25),
+    "beige": (215, 200, 160),
+    "brown": (105, 75, 50),
+    "teal": (30, 120, 120),
 }
 HELDOUT_BACKGROUNDS = ("teal",)
 HELDOUT_COMBOS = (  # one per colour (+1), every shape at least once
-    ("red", "star"), ("green", "diamond"), ("blue", "triangle"), ("yellow", "cross"),
-    ("purple", "circle"), ("orange", "square"), ("pink", "diamond"), ("green", "cross"),
+    ("red", "star"),
+    ("green", "diamond"),
+    ("blue", "triangle"),
+    ("yellow", "cross"),
+    ("purple", "circle"),
+    ("orange", "square"),
+    ("pink", "diamond"),
+    ("green", "cross"),
 )
 CLASSES = [f"{c} {s}" for c in COLORS for s in SHAPES if (c, s) not in HELDOUT_COMBOS]
 OOD_CLASSES = [f"{c} {s}" for c, s in HELDOUT_COMBOS]
 TRAIN_BACKGROUNDS = [b for b in BACKGROUNDS if b not in HELDOUT_BACKGROUNDS]
 TEMPLATES = [
-    "a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a drawing of a {}.",
-    "a rendering of a {}.", "a photo of the {}.", "a {} on a background.", "a picture of one {}.",
+    "a photo of a {}.",
+    "a picture of a {}.",
+    "an image of a {}.",
+    "a drawing of a {}.",
+    "a rendering of a {}.",
+    "a photo of the {}.",
+    "a {} on a background.",
+    "a picture of one {}.",
 ]
 RELATIONS = ("left of", "right of", "above", "below")
 
@@ -92,21 +113,41 @@ def words(text: str) -> list[str]:
 
 
 # The full vocabulary of the grammar (independent of seed and size, so token ids are stable).
-VOCABULARY = sorted({w for t in [*COLORS, *SHAPES, *SIZES, *TEXTURES, *BACKGROUNDS, *RELATIONS,
-                                 *TEMPLATES, "a and on background"] for w in words(t)})
+VOCABULARY = sorted(
+    {
+        w
+        for t in [*COLORS, *SHAPES, *SIZES, *TEXTURES, *BACKGROUNDS, *RELATIONS, *TEMPLATES, "a and on background"]
+        for w in words(t)
+    }
+)
 
-_OBJECT = pa.struct([("shape", pa.string()), ("color", pa.string()), ("size", pa.string()),
-                     ("texture", pa.string()), ("x", pa.float32()), ("y", pa.float32())])
-_SCENE = [("id", pa.string()), ("image", pa.binary()), ("caption", pa.string()),
-          ("caption_short", pa.string()), ("captions", pa.list_(pa.string())),
-          ("attributes", pa.struct([("background", pa.string()), ("objects", pa.list_(_OBJECT))]))]
+_OBJECT = pa.struct(
+    [
+        ("shape", pa.string()),
+        ("color", pa.string()),
+        ("size", pa.string()),
+        ("texture", pa.string()),
+        ("x", pa.float32()),
+        ("y", pa.float32()),
+    ]
+)
+_SCENE = [
+    ("id", pa.string()),
+    ("image", pa.binary()),
+    ("caption", pa.string()),
+    ("caption_short", pa.string()),
+    ("captions", pa.list_(pa.string())),
+    ("attributes", pa.struct([("background", pa.string()), ("objects", pa.list_(_OBJECT))])),
+]
 SCHEMAS = {
     "train": pa.schema(_SCENE),
     "retrieval": pa.schema(_SCENE),
-    "zeroshot": pa.schema([("id", pa.string()), ("image", pa.binary()), ("label", pa.int32()),
-                           ("caption", pa.string())]),
-    "binding": pa.schema([("id", pa.string()), ("image", pa.binary()), ("caption", pa.string()),
-                          ("negative", pa.string())]),
+    "zeroshot": pa.schema(
+        [("id", pa.string()), ("image", pa.binary()), ("label", pa.int32()), ("caption", pa.string())]
+    ),
+    "binding": pa.schema(
+        [("id", pa.string()), ("image", pa.binary()), ("caption", pa.string()), ("negative", pa.string())]
+    ),
     "ood": pa.schema(_SCENE + [("negative", pa.string()), ("label", pa.int32())]),
 }
 _SPLIT_SEED = {"train": 0, "retrieval": 1, "zeroshot": 2, "binding": 3, "ood": 4}
@@ -119,8 +160,7 @@ def _place(rng, objects):
     for _ in range(10_000):
         r = [SIZES[o["size"]] * rng.uniform(0.9, 1.1) for o in objects]
         xy = [rng.uniform(ri, 1 - ri, size=2) for ri in r]
-        ok = all(np.hypot(*(xy[i] - xy[j])) >= 0.95 * (r[i] + r[j])
-                 for i in range(len(r)) for j in range(i))
+        ok = all(np.hypot(*(xy[i] - xy[j])) >= 0.95 * (r[i] + r[j]) for i in range(len(r)) for j in range(i))
         for i in range(1, len(r)):
             dx, dy = np.abs(xy[i] - xy[i - 1])
             ok = ok and max(dx, dy) >= 1.5 * min(dx, dy)
@@ -137,8 +177,7 @@ def _pick(rng, seq):
 
 def _scene(rng, combos, backgrounds):
     """A placed scene with one object per (colour, shape) in `combos`, random size/texture."""
-    objects = [dict(color=c, shape=s, size=_pick(rng, list(SIZES)), texture=_pick(rng, TEXTURES))
-               for c, s in combos]
+    objects = [dict(color=c, shape=s, size=_pick(rng, list(SIZES)), texture=_pick(rng, TEXTURES)) for c, s in combos]
     return {"background": _pick(rng, backgrounds), "objects": _place(rng, objects)}
 
 
@@ -167,9 +206,11 @@ def _full(objects, background, relations=None):
 
 def _captions(scene):
     objs = scene["objects"]
-    return [_join([f"{o['color']} {o['shape']}" for o in objs]),
-            _join([_describe(o) for o in objs]),
-            _full(objs, scene["background"])]
+    return [
+        _join([f"{o['color']} {o['shape']}" for o in objs]),
+        _join([_describe(o) for o in objs]),
+        _full(objs, scene["background"]),
+    ]
 
 
 def _negative(rng, scene, allowed=None):
@@ -241,21 +282,29 @@ def _render(rng, scene, size):
     img = img + rng.normal(0.0, NOISE_STD, img.shape)
     buf = io.BytesIO()
     Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB").save(
-        buf, format="PNG", compress_level=6)  # fixed settings: byte-identical output
+        buf, format="PNG", compress_level=6
+    )  # fixed settings: byte-identical output
     return buf.getvalue()
 
 
 # ---------------------------------------------------------------- splits
 def _attributes(scene):
-    return {"background": scene["background"],
-            "objects": [{k: o[k] for k in ("shape", "color", "size", "texture", "x", "y")}
-                        for o in scene["objects"]]}
+    return {
+        "background": scene["background"],
+        "objects": [{k: o[k] for k in ("shape", "color", "size", "texture", "x", "y")} for o in scene["objects"]],
+    }
 
 
 def _scene_row(rng, split, i, scene, size):
     short, medium, full = _captions(scene)
-    return {"id": f"{split}-{i:07d}", "image": _render(rng, scene, size), "caption": full,
-            "caption_short": short, "captions": [short, medium, full], "attributes": _attributes(scene)}
+    return {
+        "id": f"{split}-{i:07d}",
+        "image": _render(rng, scene, size),
+        "caption": full,
+        "caption_short": short,
+        "captions": [short, medium, full],
+        "attributes": _attributes(scene),
+    }
 
 
 def _distinct_pair(rng, first_pool, second_pool):
@@ -278,13 +327,20 @@ def _rows(split, n, seed, size):
         elif split == "zeroshot":
             label = int(rng.integers(len(CLASSES)))
             scene = _scene(rng, [combos[label]], TRAIN_BACKGROUNDS)
-            yield {"id": f"{split}-{i:07d}", "image": _render(rng, scene, size), "label": label,
-                   "caption": _full(scene["objects"], scene["background"])}
+            yield {
+                "id": f"{split}-{i:07d}",
+                "image": _render(rng, scene, size),
+                "label": label,
+                "caption": _full(scene["objects"], scene["background"]),
+            }
         elif split == "binding":
             scene = _scene(rng, _distinct_pair(rng, combos, combos), TRAIN_BACKGROUNDS)
-            yield {"id": f"{split}-{i:07d}", "image": _render(rng, scene, size),
-                   "caption": _full(scene["objects"], scene["background"]),
-                   "negative": _negative(rng, scene, allowed=set(combos))}
+            yield {
+                "id": f"{split}-{i:07d}",
+                "image": _render(rng, scene, size),
+                "caption": _full(scene["objects"], scene["background"]),
+                "negative": _negative(rng, scene, allowed=set(combos)),
+            }
         else:  # ood: a held-out combo first; held-out background half the time
             pair = _distinct_pair(rng, list(HELDOUT_COMBOS), combos)
             bgs = list(HELDOUT_BACKGROUNDS) if rng.random() < 0.5 else TRAIN_BACKGROUNDS
@@ -299,8 +355,12 @@ def _write(rows, split, path):
     table = pa.Table.from_pylist(rows, schema=SCHEMAS[split])
     # No pandas metadata, no timestamps: the file is a pure function of the rows.
     pq.write_table(table, path, compression="snappy", row_group_size=SHARD_ROWS)
-    texts = [t for col in ("caption", "caption_short", "negative") if col in table.column_names
-             for t in table.column(col).to_pylist()]
+    texts = [
+        t
+        for col in ("caption", "caption_short", "negative")
+        if col in table.column_names
+        for t in table.column(col).to_pylist()
+    ]
     unknown = {w for t in texts for w in words(t)} - set(VOCABULARY)
     assert not unknown, f"caption words missing from VOCABULARY: {sorted(unknown)}"
 
@@ -317,8 +377,9 @@ def _build(out, params):
         _write(shard, "train", out / "train" / f"part-{s:05d}.parquet")
     for split in ("retrieval", "zeroshot", "binding", "ood"):
         _write(list(_rows(split, n_eval, seed, size)), split, out / "eval" / f"{split}.parquet")
-    (out / "eval" / "classes.json").write_text(json.dumps(
-        {"classes": CLASSES, "templates": TEMPLATES, "ood_classes": OOD_CLASSES}, indent=2) + "\n")
+    (out / "eval" / "classes.json").write_text(
+        json.dumps({"classes": CLASSES, "templates": TEMPLATES, "ood_classes": OOD_CLASSES}, indent=2) + "\n"
+    )
     files = {}
     for p in sorted(out.rglob("*")):
         if p.is_file():
@@ -327,8 +388,14 @@ def _build(out, params):
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "params": params,
-        "counts": {"train": n_train, "train_shards": n_shards, "retrieval": n_eval,
-                   "zeroshot": n_eval, "binding": n_eval, "ood": n_eval},
+        "counts": {
+            "train": n_train,
+            "train_shards": n_shards,
+            "retrieval": n_eval,
+            "zeroshot": n_eval,
+            "binding": n_eval,
+            "ood": n_eval,
+        },
         "vocabulary": VOCABULARY,
         "files": files,  # sizes and hashes: lets caches fingerprint the exact data
     }
@@ -338,8 +405,12 @@ def _build(out, params):
 
 # ---------------------------------------------------------------- public API
 def _params(n_train, n_eval, seed, image_size):
-    for name, value, low in (("n_train", n_train, 1), ("n_eval", n_eval, 1), ("seed", seed, 0),
-                             ("image_size", image_size, 16)):
+    for name, value, low in (
+        ("n_train", n_train, 1),
+        ("n_eval", n_eval, 1),
+        ("seed", seed, 0),
+        ("image_size", image_size, 16),
+    ):
         if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
     return {"n_train": int(n_train), "n_eval": int(n_eval), "seed": int(seed), "image_size": int(image_size)}
@@ -360,7 +431,8 @@ def _existing(out, params):
 
 
 def make_dataset(out_dir, n_train: int, n_eval: int, seed: int = 0, image_size: int = 32) -> dict:
-    """Write the dataset under out_dir; returns the manifest dict. Reuses an existing complete one with the same params."""
+    """Write the dataset under out_dir; returns the manifest dict. Reuses an existing complete one with the
+    same params."""
     params = _params(n_train, n_eval, seed, image_size)
     out = Path(out_dir)
     manifest = _existing(out, params)

@@ -98,7 +98,11 @@ class Preprocess:
         bad = np.array([d is None for d in decoded])
         empty = np.array([c is None or not str(c).strip() for c in captions])
         blank = np.zeros((self.size, self.size, 3), np.uint8)
-        images = np.stack([blank if d is None else d for d in decoded]) if decoded else np.zeros((0, self.size, self.size, 3), np.uint8)
+        images = (
+            np.stack([blank if d is None else d for d in decoded])
+            if decoded
+            else np.zeros((0, self.size, self.size, 3), np.uint8)
+        )
         ids = np.asarray(batch["id"]).astype(str)
         out = {
             "id": ids,
@@ -108,7 +112,9 @@ class Preprocess:
             "empty_caption": empty & ~bad,  # each skipped row counted under one reason
         }
         for column in cfg.extra_captions:
-            out[f"tokens_{column}"] = self.tokenizer(["" if c is None else c for c in batch[column]], cfg.context_length)
+            out[f"tokens_{column}"] = self.tokenizer(
+                ["" if c is None else c for c in batch[column]], cfg.context_length
+            )
         if self.cache is not None:
             out.update(self.teacher_outputs(ids, np.asarray(batch["path"]), ~(bad | empty)))
         return out

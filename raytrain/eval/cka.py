@@ -3,7 +3,6 @@ embedding spaces are; it ranks candidate image/text encoder pairs before any tra
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 

@@ -66,7 +66,15 @@ def min_clip_loss(a: Tensor, b: Tensor, dim: int = 16, steps: int = 500, lr: flo
     return best
 
 
-def run(instances: int = 1000, n: int = 32, d: int = 16, hidden: int = 256, steps: int = 500, lr: float = 3e-4, seed: int = 0) -> dict:
+def run(
+    instances: int = 1000,
+    n: int = 32,
+    d: int = 16,
+    hidden: int = 256,
+    steps: int = 500,
+    lr: float = 3e-4,
+    seed: int = 0,
+) -> dict:
     """CKA and minimum CLIP loss per instance, and their correlations."""
     a, b = toy_pairs(instances, n, d, hidden, seed)
     cka = linear_cka(a, b).float().numpy()
@@ -95,8 +103,11 @@ def plot(result: dict, path) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("linear CKA(A, B)")
     ax.set_ylabel(f"minimum CLIP loss in {result['params']['steps']} steps")
-    ax.set_title(f"Pearson r(CKA, log loss) = {result['pearson_cka_log_loss']:.2f}, "
-                 f"Spearman = {result['spearman_cka_loss']:.2f}", fontsize=9)  # fmt: skip
+    ax.set_title(
+        f"Pearson r(CKA, log loss) = {result['pearson_cka_log_loss']:.2f}, "
+        f"Spearman = {result['spearman_cka_loss']:.2f}",
+        fontsize=9,
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)

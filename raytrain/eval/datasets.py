@@ -111,7 +111,9 @@ def karpathy(root, annotations=None, split: str = "test") -> Retrieval:
     if annotations is None:
         found = [root / name for name in KARPATHY_FILES if (root / name).is_file()]
         if not found:
-            raise DatasetError(f"{root}: no {' or '.join(KARPATHY_FILES)} in it; name the Karpathy caption file (annotations)")
+            raise DatasetError(
+                f"{root}: no {' or '.join(KARPATHY_FILES)} in it; name the Karpathy caption file (annotations)"
+            )
         annotations = found[0]
     ann = Path(annotations)
     data = _read_json(ann, "Karpathy caption file")
@@ -193,10 +195,15 @@ def cifar(root, which: str) -> Classification:
     if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3 * 32 * 32:
         raise DatasetError(f"{test}: b'data' must be uint8 [N, 3072], got {data.dtype} {list(data.shape)}")
     if labels.shape != (len(data),) or labels.dtype.kind not in "iu":
-        raise DatasetError(f"{test}: {label_key!r} must hold one integer per image ({len(data)}), got {labels.dtype} {list(labels.shape)}")
+        raise DatasetError(
+            f"{test}: {label_key!r} must hold one integer per image ({len(data)}), "
+            f"got {labels.dtype} {list(labels.shape)}"
+        )
     bad = np.flatnonzero((labels < 0) | (labels >= len(names)))
     if len(bad):
-        raise DatasetError(f"{test}: {label_key!r}[{bad[0]}] = {labels[bad[0]]} is not a class of {meta} ({len(names)} names)")
+        raise DatasetError(
+            f"{test}: {label_key!r}[{bad[0]}] = {labels[bad[0]]} is not a class of {meta} ({len(names)} names)"
+        )
     images = np.ascontiguousarray(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
     return Classification(ArrayImages(images), labels.tolist(), [n.replace("_", " ") for n in names], standard.CIFAR)
 
@@ -261,7 +268,9 @@ def _check_exist(paths: list[Path], entries: list[str]) -> None:
     missing = [i for i, p in enumerate(paths) if not p.is_file()]
     if missing:
         i = missing[0]
-        raise DatasetError(f"{paths[i]}: image file not found ({entries[i]}; {len(missing)} of {len(paths)} images missing)")
+        raise DatasetError(
+            f"{paths[i]}: image file not found ({entries[i]}; {len(missing)} of {len(paths)} images missing)"
+        )
 
 
 def _class_names(path: Path, folders: list[str], root: Path) -> list[str]:
@@ -283,7 +292,10 @@ def _class_names(path: Path, folders: list[str], root: Path) -> list[str]:
     if mapping is not None:
         missing = [f for f in folders if f not in mapping]
         if missing:
-            raise DatasetError(f"{path}: no name for class folder {missing[0]!r} of {root} ({len(missing)} of {len(folders)} folders have none)")
+            raise DatasetError(
+                f"{path}: no name for class folder {missing[0]!r} of {root} "
+                f"({len(missing)} of {len(folders)} folders have none)"
+            )
         names = [mapping[f] for f in folders]
     if len(names) != len(folders):
         raise DatasetError(f"{path}: {len(names)} class names for the {len(folders)} class folders of {root}")

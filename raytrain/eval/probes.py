@@ -53,7 +53,7 @@ def modality_gap(image_emb, text_emb, seed: int = 0, max_iter: int = 100) -> dic
     gap = (u.mean(0) - v.mean(0)).norm().item()
 
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    tr, te = perm[: n // 2], perm[n // 2:]
+    tr, te = perm[: n // 2], perm[n // 2 :]
 
     def split(idx):
         return torch.cat([u[idx], v[idx]]), torch.cat([torch.ones(len(idx)), torch.zeros(len(idx))]).double()

@@ -50,8 +50,10 @@ def retrieval_metrics(sim, ks=(1, 5, 10), positives=None, *, chunk: int | None =
         raise ValueError(f"ks must be positive integers, got {ks}")
     if positives is None:
         if q > c:
-            raise ValueError(f"sim has {q} queries but {c} candidates; diagonal ground truth "
-                             "needs queries <= candidates (pass positives otherwise)")
+            raise ValueError(
+                f"sim has {q} queries but {c} candidates; diagonal ground truth "
+                "needs queries <= candidates (pass positives otherwise)"
+            )
     else:
         positives = _as_tensor(positives, "positives")
         if positives.shape != sim.shape:
@@ -59,8 +61,7 @@ def retrieval_metrics(sim, ks=(1, 5, 10), positives=None, *, chunk: int | None =
         positives = positives.bool()
         empty = (~positives.any(1)).nonzero()
         if len(empty):
-            raise ValueError(f"positives has {len(empty)} queries with no positive "
-                             f"(first: query {empty[0].item()})")
+            raise ValueError(f"positives has {len(empty)} queries with no positive (first: query {empty[0].item()})")
 
     step = chunk or max(1, _BUDGET // c)
     ranks = torch.arange(1, c + 1, device=sim.device, dtype=torch.float64)

@@ -26,8 +26,15 @@ from PIL import Image
 
 from raytrain.config import Config, ConfigError, DataConfig, EvalTaskConfig, make_config
 from raytrain.data.sources import resolve, uri, write_atomic
-from raytrain.eval.datasets import (CIFAR_FILES, DatasetError, cifar, embedded_retrieval, embedded_zeroshot, image_folder,
-                                    karpathy)  # fmt: skip
+from raytrain.eval.datasets import (
+    CIFAR_FILES,
+    DatasetError,
+    cifar,
+    embedded_retrieval,
+    embedded_zeroshot,
+    image_folder,
+    karpathy,
+)
 from raytrain.eval.suite import retrieval, zeroshot
 from raytrain.eval.zeroshot import SINGLE
 
@@ -77,15 +84,19 @@ def load_model(path, device: str = "cpu", data: DataConfig | None = None) -> Enc
         try:
             method.load_state_dict(state["engine"]["model"])
         except (KeyError, RuntimeError) as e:
-            raise ConfigError(f"{path / checkpoint.WEIGHTS}: its weights do not fit the {cfg.method} its config builds "
-                              f"({str(e).strip().splitlines()[0]})") from None  # fmt: skip
+            raise ConfigError(
+                f"{path / checkpoint.WEIGHTS}: its weights do not fit the {cfg.method} its config builds "
+                f"({str(e).strip().splitlines()[0]})"
+            ) from None
         method.to(device).eval()
         prep = {k: getattr(cfg.data, k) for k in ("image_size", "context_length", "mean", "std")}
         encode_image, encode_text = method.encode_images, method.encode_texts
         name, eval_dir, data = cfg.method, src.eval_dir, cfg.data
     else:
-        raise FileNotFoundError(f"{path} is neither a trial checkpoint ({checkpoint.WEIGHTS} + {checkpoint.CONFIG}) "
-                                f"nor an exported student ({export.WEIGHTS} + {export.CONFIG})")  # fmt: skip
+        raise FileNotFoundError(
+            f"{path} is neither a trial checkpoint ({checkpoint.WEIGHTS} + {checkpoint.CONFIG}) "
+            f"nor an exported student ({export.WEIGHTS} + {export.CONFIG})"
+        )
 
     def images(items: list) -> torch.Tensor:
         return encode_image(_pixels(items, prep["image_size"], prep["mean"], prep["std"]).to(device))
@@ -117,8 +128,14 @@ def run_task(enc: Encoders, task: EvalTaskConfig) -> dict:
             metrics = {"acc1": m["top1"], "acc5": top5, "mean_per_class_recall": m["mean_per_class_recall"]}
     except DatasetError as e:
         raise DatasetError(f"eval task {task.name!r}: {e}") from None
-    return {"dataset": task.name, "model": enc.model, "pretrained": enc.pretrained, "task": TASK_NAMES[task.kind],
-            "metrics": metrics, "language": "en"}  # fmt: skip
+    return {
+        "dataset": task.name,
+        "model": enc.model,
+        "pretrained": enc.pretrained,
+        "task": TASK_NAMES[task.kind],
+        "metrics": metrics,
+        "language": "en",
+    }
 
 
 def run_eval(model_path, cfg: Config, out="results/eval", parallel: bool = False) -> str:
@@ -147,8 +164,10 @@ def run_eval(model_path, cfg: Config, out="results/eval", parallel: bool = False
             ray.init()
         remote = ray.remote(_load_and_run).options(num_cpus=cfg.eval.num_cpus, num_gpus=cfg.eval.num_gpus)
         # absolute paths: a Ray worker need not run in this process's working directory
-        pending = {remote.remote(os.path.abspath(model_path), _absolute(t), cfg.eval.device, cfg.data): name
-                   for name, t in tasks.items()}  # fmt: skip
+        pending = {
+            remote.remote(os.path.abspath(model_path), _absolute(t), cfg.eval.device, cfg.data): name
+            for name, t in tasks.items()
+        }
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             try:
@@ -164,7 +183,9 @@ def run_eval(model_path, cfg: Config, out="results/eval", parallel: bool = False
             started = time.perf_counter()
             write(name, run_task(enc, t), started)
     summary = f"{base}/{SUMMARY}"
-    write_atomic(fs, summary, summarize([results[n] for n in tasks], list(tasks.values()), [seconds[n] for n in tasks]).encode())
+    write_atomic(
+        fs, summary, summarize([results[n] for n in tasks], list(tasks.values()), [seconds[n] for n in tasks]).encode()
+    )
     return uri(fs, summary)
 
 
@@ -177,11 +198,16 @@ def summarize(results: list[dict], tasks: list[EvalTaskConfig], seconds: list[fl
         prompts = "–" if t.kind == "retrieval" else t.templates
         cells = ["–" if r["metrics"].get(m) is None else f"{r['metrics'][m]:.4f}" for m in metrics]
         rows.append([r["dataset"], r["task"], prompts, *cells, f"{s:.1f}"])
-    lines = [f"# Evaluation of {results[0]['model']} ({results[0]['pretrained']})", "",
-             "Metrics as clip_benchmark names them (fractions in [0, 1]); one JSON per task beside this file. "
-             "With --parallel, seconds are from the start of all tasks.", "",
-             "| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|",
-             *("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows)]  # fmt: skip
+    lines = [
+        f"# Evaluation of {results[0]['model']} ({results[0]['pretrained']})",
+        "",
+        "Metrics as clip_benchmark names them (fractions in [0, 1]); one JSON per task beside this file. "
+        "With --parallel, seconds are from the start of all tasks.",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+        *("| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in rows),
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -224,8 +250,10 @@ def _embedded_dir(enc: Encoders) -> str:
         return enc.eval_dir
     d = enc.data
     if d.path != "embedded":
-        raise DatasetError(f"the model's training data {d.path} has no evaluation splits on this machine; "
-                           "set the task's path to a directory of them")  # fmt: skip
+        raise DatasetError(
+            f"the model's training data {d.path} has no evaluation splits on this machine; "
+            "set the task's path to a directory of them"
+        )
     from raytrain.data.synthetic import ensure_dataset
 
     return str(ensure_dataset(os.path.expanduser(d.root), d.n_train, d.n_eval, d.seed, d.image_size) / "eval")

@@ -37,13 +37,18 @@ def paired_sample(data: DataConfig, n: int) -> tuple[np.ndarray, list[str]]:
 
 
 @torch.no_grad()
-def encoder_table(data: DataConfig, images: dict[str, TeacherConfig], texts: dict[str, TextTeacherConfig], n: int = 1000) -> pd.DataFrame:
+def encoder_table(
+    data: DataConfig, images: dict[str, TeacherConfig], texts: dict[str, TextTeacherConfig], n: int = 1000
+) -> pd.DataFrame:
     """One row per (image encoder, text encoder): CKA of their global embeddings (DINOv3 CLS,
     sentence embedding) on `n` pairs, best first."""
     pixels, captions = paired_sample(data, n)
     normalized = torch.from_numpy(normalize(pixels, data.mean, data.std))
     image_feats = {name: cfg.build(data.mean, data.std)(normalized).cls for name, cfg in images.items()}
     text_feats = {name: cfg.build().encode(captions).cpu() for name, cfg in texts.items()}
-    rows = [{"image_encoder": i, "text_encoder": t, "cka": float(linear_cka(x, y)), "pairs": len(captions)}
-            for i, x in image_feats.items() for t, y in text_feats.items()]  # fmt: skip
+    rows = [
+        {"image_encoder": i, "text_encoder": t, "cka": float(linear_cka(x, y)), "pairs": len(captions)}
+        for i, x in image_feats.items()
+        for t, y in text_feats.items()
+    ]
     return pd.DataFrame(rows).sort_values("cka", ascending=False, ignore_index=True)

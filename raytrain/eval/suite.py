@@ -10,7 +10,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from raytrain.eval.datasets import Classification, Retrieval, embedded_retrieval, embedded_zeroshot, read_classes, read_split
+from raytrain.eval.datasets import (
+    Classification,
+    Retrieval,
+    embedded_retrieval,
+    embedded_zeroshot,
+    read_classes,
+    read_split,
+)
 from raytrain.eval.probes import binding_accuracy, modality_gap
 from raytrain.eval.retrieval import retrieval_metrics
 from raytrain.eval.zeroshot import TEMPLATES, class_embeddings, zeroshot_accuracy
@@ -19,20 +26,24 @@ _CHUNK = 256
 _ROW_CHUNK = 4096  # image rows scored against all classes at once
 
 
-def _encode(fn: Callable[[list], torch.Tensor], items: Sequence, batch_size: int = _CHUNK, desc: str | None = None) -> torch.Tensor:
+def _encode(
+    fn: Callable[[list], torch.Tensor], items: Sequence, batch_size: int = _CHUNK, desc: str | None = None
+) -> torch.Tensor:
     """L2-normalized float embeddings of `items`, encoded `batch_size` at a time; with a
     `desc`, a progress bar counts the items."""
     bar = tqdm(total=len(items), desc=desc, unit="item", disable=desc is None)
     out = []
     for i in range(0, len(items), batch_size):
-        batch = list(items[i:i + batch_size])
+        batch = list(items[i : i + batch_size])
         out.append(fn(batch).float())
         bar.update(len(batch))
     bar.close()
     return F.normalize(torch.cat(out), dim=-1)
 
 
-def _retrieval(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor, prefix: str, ks=(1, 5, 10)) -> dict[str, float]:
+def _retrieval(
+    img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor, prefix: str, ks=(1, 5, 10)
+) -> dict[str, float]:
     """Both directions; positives only when some image has more than one caption."""
     sim = img @ txt.T
     pos = None
@@ -44,8 +55,9 @@ def _retrieval(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor, prefix
 
 
 @torch.no_grad()
-def retrieval(encode_images, encode_texts, data: Retrieval, batch_size: int = _CHUNK, ks=(1, 5, 10),
-              desc: str | None = None) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
+def retrieval(
+    encode_images, encode_texts, data: Retrieval, batch_size: int = _CHUNK, ks=(1, 5, 10), desc: str | None = None
+) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
     """(metrics, image embeddings, caption embeddings) of image↔text retrieval.
 
     Keys i2t_r@K, i2t_map (image queries over all captions) and t2i_r@K, t2i_map (caption
@@ -58,13 +70,21 @@ def retrieval(encode_images, encode_texts, data: Retrieval, batch_size: int = _C
 
 
 @torch.no_grad()
-def zeroshot(encode_images, encode_texts, data: Classification, templates: Sequence[str], batch_size: int = _CHUNK,
-             desc: str | None = None) -> dict[str, float]:
+def zeroshot(
+    encode_images,
+    encode_texts,
+    data: Classification,
+    templates: Sequence[str],
+    batch_size: int = _CHUNK,
+    desc: str | None = None,
+) -> dict[str, float]:
     """top1, top5 (zeroshot_accuracy over class_embeddings of `templates`) and
     mean_per_class_recall = mean over the classes present in the labels of the fraction of
     their images whose top-1 class is theirs (ties broken by class index, as for top1)."""
     img = _encode(encode_images, data.images, batch_size, desc and f"{desc}: images")
-    bar = tqdm(total=len(data.classes) * len(templates), desc=desc and f"{desc}: prompts", unit="item", disable=desc is None)
+    bar = tqdm(
+        total=len(data.classes) * len(templates), desc=desc and f"{desc}: prompts", unit="item", disable=desc is None
+    )
 
     def prompts(texts: list[str]) -> torch.Tensor:
         bar.update(len(texts))
@@ -74,15 +94,16 @@ def zeroshot(encode_images, encode_texts, data: Classification, templates: Seque
     bar.close()
     out = zeroshot_accuracy(img, cls, data.labels, ks=(1, 5))
     labels = torch.as_tensor(data.labels, dtype=torch.long, device=img.device)
-    pred = torch.cat([(img[a:a + _ROW_CHUNK] @ cls.T).argmax(1) for a in range(0, len(img), _ROW_CHUNK)])  # first max
+    pred = torch.cat([(img[a : a + _ROW_CHUNK] @ cls.T).argmax(1) for a in range(0, len(img), _ROW_CHUNK)])  # first max
     present = labels.unique()
     out["mean_per_class_recall"] = torch.stack([(pred[labels == c] == c).float().mean() for c in present]).mean().item()
     return out
 
 
 @torch.no_grad()
-def evaluate(encode_images: Callable[[list[bytes]], torch.Tensor], encode_texts: Callable[[list[str]], torch.Tensor],
-             eval_dir) -> dict[str, float]:
+def evaluate(
+    encode_images: Callable[[list[bytes]], torch.Tensor], encode_texts: Callable[[list[str]], torch.Tensor], eval_dir
+) -> dict[str, float]:
     """Evaluate an embedding model on `eval_dir`'s splits; returns flat metrics.
 
     encode_images: list of PNG bytes -> [n, d]; encode_texts: list of str -> [n, d]
@@ -100,7 +121,9 @@ def evaluate(encode_images: Callable[[list[bytes]], torch.Tensor], encode_texts:
     if (data := embedded_retrieval(eval_dir)) is not None:
         metrics, img, txt = retrieval(encode_images, encode_texts, data)
         out.update(metrics)
-        out.update(modality_gap(img[torch.as_tensor(data.owner, device=img.device)], txt))  # each caption paired with its image
+        out.update(
+            modality_gap(img[torch.as_tensor(data.owner, device=img.device)], txt)
+        )  # each caption paired with its image
         out["mean_r@1"] = (out["i2t_r@1"] + out["t2i_r@1"]) / 2
 
     if (data := embedded_zeroshot(eval_dir)) is not None:
@@ -109,7 +132,9 @@ def evaluate(encode_images: Callable[[list[bytes]], torch.Tensor], encode_texts:
 
     if (t := read_split(eval_dir, "binding")) is not None:
         img = _encode(encode_images, t["image"])
-        out["binding"] = binding_accuracy(img, _encode(encode_texts, t["caption"]), _encode(encode_texts, t["negative"]))
+        out["binding"] = binding_accuracy(
+            img, _encode(encode_texts, t["caption"]), _encode(encode_texts, t["negative"])
+        )
 
     if (t := read_split(eval_dir, "ood")) is not None:
         img, pos = _encode(encode_images, t["image"]), _encode(encode_texts, t["caption"])

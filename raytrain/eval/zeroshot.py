@@ -22,8 +22,9 @@ _ROW_CHUNK = 4096
 
 
 @torch.no_grad()
-def class_embeddings(encode_text: Callable[[list[str]], torch.Tensor], classes: Sequence[str],
-                     templates: Sequence[str] = TEMPLATES) -> torch.Tensor:
+def class_embeddings(
+    encode_text: Callable[[list[str]], torch.Tensor], classes: Sequence[str], templates: Sequence[str] = TEMPLATES
+) -> torch.Tensor:
     """Class embeddings [C, d] from a template ensemble.
 
     With e_{c,t} = encode_text(templates[t].format(classes[c])) and n(x) = x / ‖x‖:
@@ -33,14 +34,15 @@ def class_embeddings(encode_text: Callable[[list[str]], torch.Tensor], classes: 
     if not classes or not templates:
         raise ValueError(f"classes and templates must be non-empty, got {len(classes)} and {len(templates)}")
     prompts = [t.format(c) for c in classes for t in templates]
-    emb = torch.cat([encode_text(prompts[i:i + _TEXT_CHUNK]) for i in range(0, len(prompts), _TEXT_CHUNK)])
+    emb = torch.cat([encode_text(prompts[i : i + _TEXT_CHUNK]) for i in range(0, len(prompts), _TEXT_CHUNK)])
     emb = F.normalize(emb.float(), dim=-1).view(len(classes), len(templates), -1)
     return F.normalize(emb.mean(1), dim=-1)
 
 
 @torch.no_grad()
-def zeroshot_accuracy(image_emb: torch.Tensor, class_emb: torch.Tensor, labels,
-                      ks: Sequence[int] = (1, 5)) -> dict[str, float]:
+def zeroshot_accuracy(
+    image_emb: torch.Tensor, class_emb: torch.Tensor, labels, ks: Sequence[int] = (1, 5)
+) -> dict[str, float]:
     """Top-K accuracy of cosine-similarity classification.
 
     Score s_{i,c} = cos(image_i, class_c); image i is correct at K when its true class y_i
@@ -62,7 +64,7 @@ def zeroshot_accuracy(image_emb: torch.Tensor, class_emb: torch.Tensor, labels,
     idx = torch.arange(n_cls, device=img.device)
     rank = []
     for a in range(0, len(img), _ROW_CHUNK):
-        s, t = img[a:a + _ROW_CHUNK] @ cls.T, y[a:a + _ROW_CHUNK, None]
+        s, t = img[a : a + _ROW_CHUNK] @ cls.T, y[a : a + _ROW_CHUNK, None]
         true = s.gather(1, t)
         rank.append((s > true).sum(1) + ((s == true) & (idx < t)).sum(1))  # 0-based rank
     rank = torch.cat(rank)

@@ -96,7 +96,9 @@ class ALIPWeights(nn.Module):
     m_b: Tensor
     m_c: Tensor
 
-    def __init__(self, momentum: float = 0.99, scale: float = 2.0, init: float = 1.0, gate_pairs_by_sample: bool = False):
+    def __init__(
+        self, momentum: float = 0.99, scale: float = 2.0, init: float = 1.0, gate_pairs_by_sample: bool = False
+    ):
         super().__init__()
         self.momentum, self.scale, self.gate_pairs_by_sample = momentum, scale, gate_pairs_by_sample
         for name in ("m_a", "m_b", "m_c"):
@@ -109,7 +111,9 @@ class ALIPWeights(nn.Module):
             buf.mul_(self.momentum).add_((1 - self.momentum) * cos.detach().mean().to(buf.dtype))
 
     @torch.no_grad()
-    def forward(self, cos_a: Tensor, cos_b: Tensor, cos_c: Tensor, update: bool | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def forward(
+        self, cos_a: Tensor, cos_b: Tensor, cos_c: Tensor, update: bool | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """Per-sample cosines `[B]` (a: t_r↔t_c, b: t_r↔v, c: t_c↔v) → (W_s, W_r, W_c), each `[B]`."""
         if self.training if update is None else update:
             self.update(cos_a, cos_b, cos_c)

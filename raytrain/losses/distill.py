@@ -33,7 +33,8 @@ def gram_distill(student_tokens: Tensor, teacher_tokens: Tensor) -> Tensor:
     """
     if student_tokens.ndim != 3 or teacher_tokens.ndim != 3 or student_tokens.shape[:2] != teacher_tokens.shape[:2]:
         raise ValueError(
-            f"student {tuple(student_tokens.shape)} and teacher {tuple(teacher_tokens.shape)} must be [B, P, d] with the same B, P"
+            f"student {tuple(student_tokens.shape)} and teacher {tuple(teacher_tokens.shape)} "
+            "must be [B, P, d] with the same B, P"
         )
     s = F.normalize(student_tokens, dim=-1)
     t = F.normalize(teacher_tokens.detach(), dim=-1)
@@ -83,7 +84,9 @@ def ibot_loss(
     by the visible tokens' term: P·L_iBOT++ = M·L_iBOT + Σ_{p visible} ℓ_p.
     """
     if student_logits.shape != teacher_logits.shape or student_logits.ndim != 3:
-        raise ValueError(f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} must both be [B, P, K]")
+        raise ValueError(
+            f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} must both be [B, P, K]"
+        )
     teacher = F.softmax((teacher_logits.detach() - center.detach()) / teacher_temp, dim=-1)
     ce = -(teacher * F.log_softmax(student_logits / student_temp, dim=-1)).sum(-1)  # [B, P]
     if plus_plus:
@@ -116,7 +119,9 @@ def teacher_temp_schedule(step: int, warmup_steps: int, start: float = 0.04, end
 
 
 @torch.no_grad()
-def ema_update(target: nn.Module | Mapping[str, Tensor], source: nn.Module | Mapping[str, Tensor], momentum: float) -> None:
+def ema_update(
+    target: nn.Module | Mapping[str, Tensor], source: nn.Module | Mapping[str, Tensor], momentum: float
+) -> None:
     """θ_target ← μ·θ_target + (1 − μ)·θ_source for every tensor, in place, no grad.
 
     μ = 0 copies the source, μ = 1 keeps the target. Modules stand for their parameters

@@ -77,7 +77,9 @@ class Transition(nn.Module):
     all orders cost O(B·K·N·R) memory and no tuple is ever enumerated.
     """
 
-    def __init__(self, emb_dim: int, dim: int, max_order: int, detach: bool = True, pairwise: bool = True, tuplewise: bool = True):
+    def __init__(
+        self, emb_dim: int, dim: int, max_order: int, detach: bool = True, pairwise: bool = True, tuplewise: bool = True
+    ):
         super().__init__()
         self.max_order, self.detach, self.scale = max_order, detach, 1 / math.sqrt(dim)
         # only terms that exist get parameters (DDP rejects parameters that get no gradient);

@@ -41,8 +41,13 @@ from raytrain.train.dist import gather
 
 def build_meta_teacher(cfg) -> MetaTeacher:
     with part_init("meta_teacher", cfg.seed):
-        return MetaTeacher(cfg.dclip.meta, describe(cfg.teachers.dinov3)[0], token_width(cfg.teachers.text),
-                           cfg.model.init_temperature, cfg.model.max_logit_scale)  # fmt: skip
+        return MetaTeacher(
+            cfg.dclip.meta,
+            describe(cfg.teachers.dinov3)[0],
+            token_width(cfg.teachers.text),
+            cfg.model.init_temperature,
+            cfg.model.max_logit_scale,
+        )
 
 
 def meta_embedding(meta: MetaTeacher, batch: dict, regions: str) -> torch.Tensor:
@@ -52,7 +57,9 @@ def meta_embedding(meta: MetaTeacher, batch: dict, regions: str) -> torch.Tensor
         patches = batch["dinov3_multiscale"][:, -1]
         every = torch.ones(patches.shape[:2], dtype=torch.bool, device=patches.device)
         return meta(cls, patches, every, tokens, mask, text)
-    return meta(cls, batch["yolo_crops"], batch["yolo_valid"] > 0.5, tokens, mask, text, batch["yolo_conf"], batch["yolo_area"])
+    return meta(
+        cls, batch["yolo_crops"], batch["yolo_valid"] > 0.5, tokens, mask, text, batch["yolo_conf"], batch["yolo_area"]
+    )
 
 
 def load_part(module: nn.Module, path: str, prefix: str, cfg, key: str, section: str | None = None) -> None:
@@ -64,7 +71,9 @@ def load_part(module: nn.Module, path: str, prefix: str, cfg, key: str, section:
         raw = read_bytes(fs, posixpath.join(base, WEIGHTS))
         trained = json.loads(read_bytes(fs, posixpath.join(base, CONFIG)))["config"]
     except FileNotFoundError:
-        raise FileNotFoundError(f"{key} {path!r} is not a raytrain checkpoint directory (it needs {WEIGHTS} and {CONFIG})") from None
+        raise FileNotFoundError(
+            f"{key} {path!r} is not a raytrain checkpoint directory (it needs {WEIGHTS} and {CONFIG})"
+        ) from None
     state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)["engine"]["model"]
     weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if not weights:
@@ -74,7 +83,11 @@ def load_part(module: nn.Module, path: str, prefix: str, cfg, key: str, section:
         for part in section.split("."):
             wanted, got = getattr(wanted, part), got.get(part, {})
         wanted = wanted.model_dump(mode="json")
-        diff = [f"{section}.{k}: checkpoint has {got.get(k)!r}, config wants {v!r}" for k, v in wanted.items() if got.get(k) != v]
+        diff = [
+            f"{section}.{k}: checkpoint has {got.get(k)!r}, config wants {v!r}"
+            for k, v in wanted.items()
+            if got.get(k) != v
+        ]
         if diff:
             raise ValueError(f"{key} {path!r} was trained with another {section}:\n  " + "\n  ".join(diff))
     try:
@@ -116,11 +129,15 @@ class DCLIP(Method):
         self.teacher = nn.ModuleDict()  # frozen parts: rebuilt from config and checkpoints, never saved
         if d.distill:
             if not d.teacher_checkpoint:
-                raise ValueError("dclip.teacher_checkpoint is not set: phase 2 distils a trained meta-teacher. Run DCLIP as a "
-                                 "sweep trial (jobs/dclip.py trains phase 1 first), name a phase-1 checkpoint, or set "
-                                 "dclip.distill=false")  # fmt: skip
+                raise ValueError(
+                    "dclip.teacher_checkpoint is not set: phase 2 distils a trained meta-teacher. Run DCLIP as a "
+                    "sweep trial (jobs/dclip.py trains phase 1 first), name a phase-1 checkpoint, or set "
+                    "dclip.distill=false"
+                )
             self.teacher["meta"] = build_meta_teacher(cfg)
-            load_part(self.teacher["meta"], d.teacher_checkpoint, "meta.", cfg, "dclip.teacher_checkpoint", "dclip.meta")
+            load_part(
+                self.teacher["meta"], d.teacher_checkpoint, "meta.", cfg, "dclip.teacher_checkpoint", "dclip.meta"
+            )
         if d.anchor_weight > 0:
             self.teacher["anchor"] = copy.deepcopy(self.student.image)  # the phase-start encoder
         self.teacher.requires_grad_(False)
@@ -134,8 +151,13 @@ class DCLIP(Method):
         d = cfg.dclip
         if not d.distill or d.teacher_checkpoint:
             return None
-        phase1 = {"method": "dclip_meta", "train.epochs": d.teacher_epochs, "optim.lr": d.teacher_lr or cfg.optim.lr,
-                  "train.eval": False, "train.keep_by": None}  # fmt: skip
+        phase1 = {
+            "method": "dclip_meta",
+            "train.epochs": d.teacher_epochs,
+            "optim.lr": d.teacher_lr or cfg.optim.lr,
+            "train.eval": False,
+            "train.keep_by": None,
+        }
         return cfg.override(phase1), "dclip.teacher_checkpoint"
 
     def forward(self, batch, epoch: float):
@@ -150,8 +172,9 @@ class DCLIP(Method):
                 anchor = gather(self.teacher["anchor"](batch["pixels"])[0])
         scale = self.student.logit_scale()
         features = gather(f) if anchor is not None else None
-        loss, logs = dclip_student_loss(gather(u), gather(batch["text"]), scale, target, d.distill_weight,
-                                        features, anchor, d.anchor_weight)  # fmt: skip
+        loss, logs = dclip_student_loss(
+            gather(u), gather(batch["text"]), scale, target, d.distill_weight, features, anchor, d.anchor_weight
+        )
         logs["logit_scale"] = scale.detach()
         return loss, logs
 

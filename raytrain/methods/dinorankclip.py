@@ -36,9 +36,16 @@ class DINORankCLIP(RankCLIP):
         if fusion.image_injection:
             with part_init("image_injection", cfg.seed):
                 self.image_injection = ImageInjection(
-                    dim, width, embed, scales, grid, use_channel=fusion.channel_attention,
-                    use_spatial=fusion.spatial_attention, use_refiner=fusion.refiner, use_gate=fusion.gate,
-                )  # fmt: skip
+                    dim,
+                    width,
+                    embed,
+                    scales,
+                    grid,
+                    use_channel=fusion.channel_attention,
+                    use_spatial=fusion.spatial_attention,
+                    use_refiner=fusion.refiner,
+                    use_gate=fusion.gate,
+                )
         if fusion.text_injection:
             with part_init("text_injection", cfg.seed):
                 self.text_injection = TextInjection(TEXT_TEACHER_DIM, embed, use_gate=fusion.gate)

@@ -44,9 +44,13 @@ class FreezeAlign(CLIP):  # CLIP's forward: clip_loss(*self.embed(batch))
     def __init__(self, cfg, vocab_size: int, pad_id: int = 0):
         super().__init__(cfg, vocab_size, pad_id)
         self.projectors = FreezeAlignProjectors(
-            describe(cfg.teachers.dinov3)[0], token_width(cfg.teachers.text), cfg.freeze_align,
-            cfg.model.init_temperature, cfg.model.max_logit_scale, cfg.seed,
-        )  # fmt: skip
+            describe(cfg.teachers.dinov3)[0],
+            token_width(cfg.teachers.text),
+            cfg.freeze_align,
+            cfg.model.init_temperature,
+            cfg.model.max_logit_scale,
+            cfg.seed,
+        )
         self.teacher = self.text_teacher = None  # the live encoders, for evaluation only
 
     def embed(self, batch):

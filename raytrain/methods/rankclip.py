@@ -23,7 +23,14 @@ class RankCLIP(Method):
         super().__init__(cfg, vocab_size, pad_id)
         loss = cfg.loss
         if loss.order >= 2:  # one transition per ranked modality
-            args = (cfg.model.embed_dim, loss.transition_dim, loss.order, loss.detach_transition_emb, loss.pairwise, loss.tuplewise)
+            args = (
+                cfg.model.embed_dim,
+                loss.transition_dim,
+                loss.order,
+                loss.detach_transition_emb,
+                loss.pairwise,
+                loss.tuplewise,
+            )
             with part_init("image_transition", cfg.seed):
                 self.image_transition = Transition(*args)
             with part_init("text_transition", cfg.seed):

@@ -28,7 +28,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raytrain.losses.contrastive import clip_loss
-from raytrain.losses.distill import ema_momentum, ema_update, ibot_loss, patch_distill, teacher_temp_schedule, update_center
+from raytrain.losses.distill import (
+    ema_momentum,
+    ema_update,
+    ibot_loss,
+    patch_distill,
+    teacher_temp_schedule,
+    update_center,
+)
 from raytrain.methods import register_method
 from raytrain.methods.base import Method
 from raytrain.models.encoders import pool_tokens
@@ -66,7 +73,9 @@ def frozen_copy(module: nn.Module) -> nn.Module:
     return out
 
 
-def random_masks(n: int, patches: int, ratio: tuple[float, float], probability: float, generator: torch.Generator) -> Tensor:
+def random_masks(
+    n: int, patches: int, ratio: tuple[float, float], probability: float, generator: torch.Generator
+) -> Tensor:
     """[n, patches] bool, true = masked: each image is masked with `probability`, and then
     round(r · patches) of its patches, chosen uniformly, with r ~ U(ratio) per image."""
     low, high = ratio
@@ -131,13 +140,19 @@ class TIPSv2(Method):
     def forward(self, batch, epoch: float):
         t, step = self.cfg.tipsv2, int(self.steps)
         pixels = batch["pixels"]
-        tokens, _ = sample_captions([batch[k] for k in self.caption_keys], self.caption_weights, self.generator(step, "captions"))
+        tokens, _ = sample_captions(
+            [batch[k] for k in self.caption_keys], self.caption_weights, self.generator(step, "captions")
+        )
         f, patches = self.student.image(pixels)
         scale = self.student.logit_scale()
         loss = clip_loss(gather(F.normalize(f, dim=-1)), gather(self.student.encode_text(tokens)), scale)
         logs = {"clip": loss.detach(), "logit_scale": scale.detach()}
         if self.project is not None:
-            target = batch["dinov3_multiscale"][:, -1] if "dinov3_multiscale" in batch else self.teacher(pixels).multiscale[:, -1]
+            target = (
+                batch["dinov3_multiscale"][:, -1]
+                if "dinov3_multiscale" in batch
+                else self.teacher(pixels).multiscale[:, -1]
+            )
             distill = patch_distill(self.project(pool_tokens(patches, self.grid)), target)
             logs["patch_distill"] = distill.detach()
             loss = loss + t.patch_weight * distill
@@ -159,11 +174,18 @@ class TIPSv2(Method):
             full = self.ema["image"](pixels.float())[1] if "image" in self.ema else patches
             teacher = self.ema["head"](full.float())
         temp = teacher_temp_schedule(step, round(t.teacher_temp_warmup * self.horizon), *t.teacher_temp)
-        loss = ibot_loss(self.head(masked), teacher, self.center, mask, t.student_temp, temp, plus_plus=t.ibot_plus_plus)
+        loss = ibot_loss(
+            self.head(masked), teacher, self.center, mask, t.student_temp, temp, plus_plus=t.ibot_plus_plus
+        )
         if self.training:  # with the global batch's mean, as iBOT all-reduces it
             self.center.copy_(update_center(self.center, gather(teacher.mean((0, 1))[None]), t.center_momentum))
         momentum = ema_momentum(step, self.horizon, *t.ema_momentum)
-        return loss, {"ibot": loss.detach(), "teacher_temp": temp, "ema_momentum": momentum, "mask_share": mask.float().mean()}
+        return loss, {
+            "ibot": loss.detach(),
+            "teacher_temp": temp,
+            "ema_momentum": momentum,
+            "mask_share": mask.float().mean(),
+        }
 
     def after_step(self) -> None:
         """The EMA teacher follows the student with the scheduled momentum; the clock ticks."""

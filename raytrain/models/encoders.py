@@ -31,7 +31,9 @@ class ImageTower(nn.Module):
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, embed_dim, bias=False)
 
-    def forward(self, pixels: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def forward(
+        self, pixels: Tensor, mask: Tensor | None = None, mask_token: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
         """pixels [B, 3, H, W] → (global embedding [B, E], local patch tokens [B, P, width]).
 
         Masked-image modelling: `mask` [B, P] (true = masked) replaces those patch embeddings
@@ -66,7 +68,9 @@ def pool_tokens(tokens: Tensor, grid: int) -> Tensor:
 class TextTower(nn.Module):
     """Token + position embeddings → pre-LN blocks → mean over non-pad tokens."""
 
-    def __init__(self, width: int, depth: int, heads: int, vocab_size: int, context_length: int, embed_dim: int, pad_id: int):
+    def __init__(
+        self, width: int, depth: int, heads: int, vocab_size: int, context_length: int, embed_dim: int, pad_id: int
+    ):
         super().__init__()
         self.pad_id = pad_id
         self.embed = nn.Embedding(vocab_size, width)
@@ -91,8 +95,12 @@ class TextTower(nn.Module):
 class Student(nn.Module):
     def __init__(self, cfg, vocab_size: int, image_size: int, context_length: int, pad_id: int = 0):
         super().__init__()
-        self.image = ImageTower(cfg.image.width, cfg.image.depth, cfg.image.heads, cfg.image.patch, image_size, cfg.embed_dim)
-        self.text = TextTower(cfg.text.width, cfg.text.depth, cfg.text.heads, vocab_size, context_length, cfg.embed_dim, pad_id)
+        self.image = ImageTower(
+            cfg.image.width, cfg.image.depth, cfg.image.heads, cfg.image.patch, image_size, cfg.embed_dim
+        )
+        self.text = TextTower(
+            cfg.text.width, cfg.text.depth, cfg.text.heads, vocab_size, context_length, cfg.embed_dim, pad_id
+        )
         self.log_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
         self.max_log_scale = math.log(cfg.max_logit_scale)
 

@@ -84,7 +84,10 @@ class ChannelAttention(nn.Module):
 
     def weights(self, x: Tensor) -> Tensor:
         """The channel weights `a` [B, C]."""
-        _check(x.dim() == 3 and x.shape[-1] == self.dim, f"ChannelAttention expects [B, N, {self.dim}], got {tuple(x.shape)}")
+        _check(
+            x.dim() == 3 and x.shape[-1] == self.dim,
+            f"ChannelAttention expects [B, N, {self.dim}], got {tuple(x.shape)}",
+        )
         return torch.sigmoid(self.mlp(x.mean(1)) + self.mlp(x.amax(1)))
 
     def forward(self, x: Tensor) -> Tensor:
@@ -146,7 +149,9 @@ class Refiner(nn.Module):
             _positive(num_tokens=num_tokens)
             self.pos = nn.Parameter(torch.randn(1, num_tokens, dim) * 0.02)
         self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True)
+            nn.TransformerEncoderLayer(
+                dim, heads, 4 * dim, dropout=0.0, activation="gelu", batch_first=True, norm_first=True
+            )
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
@@ -198,7 +203,9 @@ class MultiScaleFusion(nn.Module):
         heads: int | None = None,
     ):
         super().__init__()
-        _positive(teacher_dim=teacher_dim, student_width=student_width, embed_dim=embed_dim, num_scales=num_scales, grid=grid)
+        _positive(
+            teacher_dim=teacher_dim, student_width=student_width, embed_dim=embed_dim, num_scales=num_scales, grid=grid
+        )
         self.teacher_dim, self.width, self.embed_dim = teacher_dim, student_width, embed_dim
         self.num_scales, self.grid = num_scales, grid
         self.use_channel, self.use_spatial, self.use_refiner = use_channel, use_spatial, use_refiner
@@ -218,7 +225,8 @@ class MultiScaleFusion(nn.Module):
         g2, d = self.grid * self.grid, self.teacher_dim
         _check(
             multiscale.dim() == 4 and multiscale.shape[1:] == (self.num_scales, g2, d),
-            f"teacher multiscale must be [B, {self.num_scales}, {g2}, {d}] (L, grid*grid, D), got {tuple(multiscale.shape)}",
+            f"teacher multiscale must be [B, {self.num_scales}, {g2}, {d}] (L, grid*grid, D), "
+            f"got {tuple(multiscale.shape)}",
         )
         if student_tokens is not None:
             _check(
@@ -247,7 +255,7 @@ class MultiScaleFusion(nn.Module):
         self.check_inputs(multiscale, student_tokens)
         dtype = self.scale_proj[0].weight.dtype
         teacher = multiscale.detach().to(dtype)
-        maps = [proj(teacher[:, l]) for l, proj in enumerate(self.scale_proj)]
+        maps = [proj(teacher[:, i]) for i, proj in enumerate(self.scale_proj)]
         if student_tokens is not None:
             maps.append(self.resize_student(student_tokens))
         weights = self.merge_weights(student_tokens is not None).to(maps[0].dtype)
@@ -328,8 +336,8 @@ class ConflictGate(nn.Module):
 class ImageInjection(nn.Module):
     """Image branch: `f = ConflictGate(f_s, MultiScaleFusion(T, S))`.
 
-        f_t = MultiScaleFusion(T [B, L, g·g, D], S [B, P, W])    [B, E]  (its output Linear is P)
-        f   = f_s + alpha ⊙ g ⊙ f_t                               [B, E]  (== f_s at init)
+    f_t = MultiScaleFusion(T [B, L, g·g, D], S [B, P, W])    [B, E]  (its output Linear is P)
+    f   = f_s + alpha ⊙ g ⊙ f_t                               [B, E]  (== f_s at init)
     """
 
     def __init__(
@@ -353,9 +361,19 @@ class ImageInjection(nn.Module):
         super().__init__()
         with part_init("fusion"):
             self.fusion = MultiScaleFusion(
-                teacher_dim, student_width, embed_dim, num_scales, grid,
-                use_channel, use_spatial, use_refiner, reduction, kernel, refiner_depth, heads,
-            )  # fmt: skip
+                teacher_dim,
+                student_width,
+                embed_dim,
+                num_scales,
+                grid,
+                use_channel,
+                use_spatial,
+                use_refiner,
+                reduction,
+                kernel,
+                refiner_depth,
+                heads,
+            )
         with part_init("gate"):
             self.gate = ConflictGate(embed_dim, gate_hidden, use_gate, project=False, gate_bias=gate_bias)
 

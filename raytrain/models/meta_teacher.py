@@ -70,11 +70,17 @@ class MetaTeacher(nn.Module):
     Also holds the learnable temperature of its InfoNCE (exp(t) = 1/τ, clamped), as the paper's
     teacher loss has one."""
 
-    def __init__(self, cfg, image_dim: int, text_dim: int, init_temperature: float = 0.07, max_logit_scale: float = 100.0):
+    def __init__(
+        self, cfg, image_dim: int, text_dim: int, init_temperature: float = 0.07, max_logit_scale: float = 100.0
+    ):
         super().__init__()
         if text_dim % cfg.heads:
             raise ValueError(f"dclip.meta.heads {cfg.heads} does not divide the text teacher's width {text_dim}")
-        self.mode, self.temperature, self.region_weights = cfg.cross_attention, cfg.temperature, tuple(cfg.region_weights)
+        self.mode, self.temperature, self.region_weights = (
+            cfg.cross_attention,
+            cfg.temperature,
+            tuple(cfg.region_weights),
+        )
         # each part from its own init stream (raytrain.models.init), nested in the caller's
         with part_init("project"):
             self.project = nn.Linear(image_dim, text_dim)
@@ -101,8 +107,17 @@ class MetaTeacher(nn.Module):
         sim = F.cosine_similarity(regions, text.unsqueeze(1), dim=-1)
         return region_scores(conf, area, sim, self.region_weights, valid).clamp_min(0)
 
-    def forward(self, image: Tensor, regions: Tensor, valid: Tensor, tokens: Tensor, token_mask: Tensor, text: Tensor,
-                conf: Tensor | None = None, area: Tensor | None = None) -> Tensor:  # fmt: skip
+    def forward(
+        self,
+        image: Tensor,
+        regions: Tensor,
+        valid: Tensor,
+        tokens: Tensor,
+        token_mask: Tensor,
+        text: Tensor,
+        conf: Tensor | None = None,
+        area: Tensor | None = None,
+    ) -> Tensor:
         """image [B, d] the whole image's feature; regions [B, k, d] and valid [B, k]; tokens
         [B, L, D] and token_mask [B, L] (1 = a real token, at least one per row); text [B, D]
         the caption's embedding; conf, area [B, k] the detector's (None: regions unscored,

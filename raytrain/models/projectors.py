@@ -43,8 +43,15 @@ class FreezeAlignProjectors(nn.Module):
     """Image side: shared local-token projector + CLS projector; text side: token projector,
     masked mean, MLP head; and the logit scale. `cfg` is a FreezeAlignConfig."""
 
-    def __init__(self, image_dim: int, text_dim: int, cfg, init_temperature: float = 0.07,
-                 max_logit_scale: float = 100.0, seed: int = 0):  # fmt: skip
+    def __init__(
+        self,
+        image_dim: int,
+        text_dim: int,
+        cfg,
+        init_temperature: float = 0.07,
+        max_logit_scale: float = 100.0,
+        seed: int = 0,
+    ):
         super().__init__()
         embed, hidden = cfg.embed_dim, cfg.hidden or cfg.embed_dim
 

@@ -93,7 +93,9 @@ def cache_dir(cfg, src: DataSource) -> str:
 def _declared(cfg) -> dict:
     """The config fields a cache depends on (everything but the weights' hash)."""
     return {
-        "teachers": {n: getattr(cfg.teachers, TEACHER_OF.get(n, n)).model_dump(mode="json") for n in sorted(cfg.cache.teachers)},
+        "teachers": {
+            n: getattr(cfg.teachers, TEACHER_OF.get(n, n)).model_dump(mode="json") for n in sorted(cfg.cache.teachers)
+        },
         "preprocessing": {k: getattr(cfg.data, k) for k in ("image_size", "mean", "std", "caption_column")},
         "dtype": "float16",
         "schema_version": SCHEMA_VERSION,
@@ -169,8 +171,10 @@ class _ShardBuilder:
             shapes[name] = list(value.shape[1:])
             flat = value.reshape(len(value), -1)
             arrays[name] = pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), flat.shape[1])
-        skipped = {"bad_image": sum(d is None for d in decoded),
-                   "empty_caption": sum(e and d is not None for e, d in zip(empty, decoded))}  # fmt: skip
+        skipped = {
+            "bad_image": sum(d is None for d in decoded),
+            "empty_caption": sum(e and d is not None for e, d in zip(empty, decoded)),
+        }
         # shapes and skip counts travel in the shard, so a resumed build's manifest is whole
         meta = {"raytrain.shapes": json.dumps(shapes), "raytrain.skipped": json.dumps(skipped)}
         buf = io.BytesIO()
@@ -195,8 +199,11 @@ def build_cache(config) -> dict:
         print(f"raytrain: teacher cache at {root} is complete ({manifest['rows']} rows); reusing it")
         return manifest
     todo = [i for i in range(len(src.files)) if not exists(fs, posixpath.join(base, shard_name(i)))]
-    print(f"raytrain: building teacher cache at {root}: {len(todo)} of {len(src.files)} shards to do "
-          f"({', '.join(config.cache.teachers)})", flush=True)  # fmt: skip
+    print(
+        f"raytrain: building teacher cache at {root}: {len(todo)} of {len(src.files)} shards to do "
+        f"({', '.join(config.cache.teachers)})",
+        flush=True,
+    )
     if not ray.is_initialized():
         ray.init()
     t0 = time.perf_counter()
@@ -206,8 +213,13 @@ def build_cache(config) -> dict:
     if todo:
         ds = ray.data.from_items([{"index": i} for i in todo]).map_batches(
             _ShardBuilder,
-            fn_constructor_kwargs={"cfg_tree": config.model_dump(mode="json"), "src": _plain(src),
-                                   "fs": resolve(src.path, config.data.s3)[0], "out_fs": fs, "out_root": base},  # fmt: skip
+            fn_constructor_kwargs={
+                "cfg_tree": config.model_dump(mode="json"),
+                "src": _plain(src),
+                "fs": resolve(src.path, config.data.s3)[0],
+                "out_fs": fs,
+                "out_root": base,
+            },
             batch_size=1,
             compute=ray.data.ActorPoolStrategy(size=cache.actors),
             num_cpus=cache.num_cpus,
@@ -227,10 +239,14 @@ def build_cache(config) -> dict:
     }
     write_atomic(fs, posixpath.join(base, MANIFEST), json.dumps(manifest, indent=1).encode())
     built = sum(int(r["rows"]) for r in results)
-    print(f"raytrain: teacher cache complete: {manifest['rows']} rows in {len(shards)} shards, "
-          f"{manifest['bytes'] / 1e6:.1f} MB; built {built} rows in {elapsed:.1f} s ({built / max(elapsed, 1e-9):.0f} rows/s); "
-          f"skipped {manifest['skipped']['bad_image']} undecodable images, {manifest['skipped']['empty_caption']} empty captions",
-          flush=True)  # fmt: skip
+    print(
+        f"raytrain: teacher cache complete: {manifest['rows']} rows in {len(shards)} shards, "
+        f"{manifest['bytes'] / 1e6:.1f} MB; built {built} rows in {elapsed:.1f} s "
+        f"({built / max(elapsed, 1e-9):.0f} rows/s); "
+        f"skipped {manifest['skipped']['bad_image']} undecodable images, "
+        f"{manifest['skipped']['empty_caption']} empty captions",
+        flush=True,
+    )
     return manifest
 
 
@@ -246,9 +262,11 @@ def _shard_stats(fs, base: str, i: int) -> tuple[dict, dict]:
     meta = pq.read_schema(path, filesystem=fs).metadata
     skipped = json.loads(meta[b"raytrain.skipped"])
     stats = {
-        "file": shard_name(i), "rows": pq.read_metadata(path, filesystem=fs).num_rows,
-        "bytes": fs.get_file_info(path).size, **{f"skipped_{k}": v for k, v in skipped.items()},
-    }  # fmt: skip
+        "file": shard_name(i),
+        "rows": pq.read_metadata(path, filesystem=fs).num_rows,
+        "bytes": fs.get_file_info(path).size,
+        **{f"skipped_{k}": v for k, v in skipped.items()},
+    }
     return stats, json.loads(meta[b"raytrain.shapes"])
 
 
@@ -269,7 +287,9 @@ class CacheReader:
         fs, base = resolve(root, config.data.s3)
         manifest = read_manifest(fs, base)
         if manifest is None:
-            raise StorageError(f"no teacher cache at {root}: build it with `python jobs/build_cache.py` (or cache.use=true in a sweep)")
+            raise StorageError(
+                f"no teacher cache at {root}: build it with `python jobs/build_cache.py` (or cache.use=true in a sweep)"
+            )
         wanted = fingerprint(config, src, TeacherSet(config, config.cache.teachers))
         diff = differences(manifest["fingerprint"], wanted)
         if diff:
@@ -284,8 +304,7 @@ class CacheReader:
         except KeyError as e:
             raise KeyError(f"teacher cache {self.root} has no outputs for sample id {e.args[0]!r} of {path}") from None
         return {
-            name: table[name][rows].reshape(len(rows), *shape).astype(np.float32)
-            for name, shape in self.shapes.items()
+            name: table[name][rows].reshape(len(rows), *shape).astype(np.float32) for name, shape in self.shapes.items()
         }
 
 
@@ -310,4 +329,3 @@ def _read_shard(fs, base: str, i: int):
             col = table.column(name).combine_chunks()
             arrays[name] = col.values.to_numpy(zero_copy_only=False).reshape(len(col), -1)
     return index, arrays
-

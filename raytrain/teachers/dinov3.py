@@ -16,9 +16,9 @@ for a real pretrained DINOv3 on the embedded default); nothing is downloaded.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -123,7 +123,9 @@ class DINOv3Teacher(nn.Module):
         self.image_size = cfg.image_size
         self.patch_size = config.patch_size if isinstance(config.patch_size, int) else config.patch_size[0]
         if self.image_size % self.patch_size:
-            raise ValueError(f"teachers.dinov3.image_size {self.image_size} is not a multiple of the patch {self.patch_size}")
+            raise ValueError(
+                f"teachers.dinov3.image_size {self.image_size} is not a multiple of the patch {self.patch_size}"
+            )
         self.dim = config.hidden_size
         self.num_layers = config.num_hidden_layers
         self.num_registers = config.num_register_tokens

@@ -59,18 +59,36 @@ def scene_labels(attributes: dict, index: dict[str, int]) -> np.ndarray:
     names = [f"{attributes['background']} background", f"{len(objects)} objects"]
     for o in objects:
         i, j = (min(GRID - 1, int(v * GRID)) for v in (o["y"], o["x"]))
-        names += [f"{o['color']} {o['shape']}", o["color"], o["shape"], o["texture"], o["size"],
-                  f"{o['size']} {o['shape']}", f"{o['texture']} {o['shape']}", f"{o['color']} at {i},{j}"]  # fmt: skip
+        names += [
+            f"{o['color']} {o['shape']}",
+            o["color"],
+            o["shape"],
+            o["texture"],
+            o["size"],
+            f"{o['size']} {o['shape']}",
+            f"{o['texture']} {o['shape']}",
+            f"{o['color']} at {i},{j}",
+        ]
     y[[index[n] for n in names if n in index]] = 1
     return y
 
 
 def recipe(size: str, image_size: int, steps: int | None = None) -> dict:
-    return {"size": size, "image_size": image_size, "steps": steps or STEPS, "batch": BATCH, "lr": LR, "data": DATA,
-            "labels": len(labels()), "version": RECIPE_VERSION}  # fmt: skip
+    return {
+        "size": size,
+        "image_size": image_size,
+        "steps": steps or STEPS,
+        "batch": BATCH,
+        "lr": LR,
+        "data": DATA,
+        "labels": len(labels()),
+        "version": RECIPE_VERSION,
+    }
 
 
-def ensure_teacher(size: str = "tiny", image_size: int = 32, steps: int | None = None, root: Path | None = None) -> Path:
+def ensure_teacher(
+    size: str = "tiny", image_size: int = 32, steps: int | None = None, root: Path | None = None
+) -> Path:
     """The trained teacher's directory (trained and saved the first time; a file lock keeps
     concurrent processes from training it twice)."""
     spec = recipe(size, image_size, steps)
@@ -90,7 +108,9 @@ def ensure_teacher(size: str = "tiny", image_size: int = 32, steps: int | None =
 def _train(spec: dict, root: Path, out: Path) -> None:
     from raytrain.teachers.dinov3 import IMAGENET_MEAN, IMAGENET_STD, random_model
 
-    data = ensure_dataset(root, spec["data"]["n_train"], spec["data"]["n_eval"], spec["data"]["seed"], spec["image_size"])
+    data = ensure_dataset(
+        root, spec["data"]["n_train"], spec["data"]["n_eval"], spec["data"]["seed"], spec["image_size"]
+    )
     table = pq.read_table(sorted((data / "train").glob("*.parquet")), columns=["image", "attributes"]).to_pydict()
     index = {n: i for i, n in enumerate(labels())}
     images = np.stack([decode_image(b, spec["image_size"]) for b in table["image"]])
@@ -132,7 +152,9 @@ def _train(spec: dict, root: Path, out: Path) -> None:
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
     try:
         model.save_pretrained(tmp)
-        (tmp / "preprocessor_config.json").write_text(json.dumps({"image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD}))
+        (tmp / "preprocessor_config.json").write_text(
+            json.dumps({"image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD})
+        )
         (tmp / "raytrain_recipe.json").write_text(json.dumps({**spec, "final_loss": loss.item()}, indent=1))
         os.replace(tmp, out)  # whole or absent: a reader never sees a half-saved teacher
     except BaseException:

@@ -102,7 +102,9 @@ class TextTeacher(nn.Module):
         feats = torch.zeros(len(texts), length, self.dim)
         mask = torch.zeros(len(texts), length)
         if texts:
-            out = self.model.encode(texts, batch_size=batch_size, output_value="token_embeddings", show_progress_bar=False)
+            out = self.model.encode(
+                texts, batch_size=batch_size, output_value="token_embeddings", show_progress_bar=False
+            )
             for i, t in enumerate(out):
                 n = min(length, len(t))
                 feats[i, :n], mask[i, :n] = t[:n].float().cpu(), 1

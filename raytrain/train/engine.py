@@ -62,7 +62,11 @@ class DDPEngine:
         return {"lr": self.scheduler.get_last_lr()[0], "grad_norm": float(norm)}
 
     def state_dict(self) -> dict:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()}
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         self.module.load_state_dict(state["model"])
@@ -112,7 +116,9 @@ def deepspeed_config(cfg, world_size: int) -> dict:
         "wall_clock_breakdown": False,
     }
     if ds.precision == "fp16":  # dynamic loss scaling
-        config["fp16"].update(loss_scale=0, initial_scale_power=16, loss_scale_window=1000, hysteresis=2, min_loss_scale=1)
+        config["fp16"].update(
+            loss_scale=0, initial_scale_power=16, loss_scale_window=1000, hysteresis=2, min_loss_scale=1
+        )
     return config
 
 
@@ -293,8 +299,8 @@ class DeepSpeedEngine:
     def _full_fp32_params(self) -> dict[int, torch.Tensor]:
         """id(param) → the full fp32 value on the CPU: the optimizer's fp32 master weights
         for trained parameters (collective under ZeRO ≥ 1), the module's for frozen ones."""
-        from deepspeed.utils import safe_get_full_fp32_param
         from deepspeed.runtime.zero import GatheredParameters
+        from deepspeed.utils import safe_get_full_fp32_param
 
         masters = self._fp16_master_views() if self._fp16_optimizer else {}
         out = {}
@@ -333,8 +339,8 @@ class DeepSpeedEngine:
         """Module weights (fp32, into the module and the optimizer's fp32 master copies),
         LR-schedule position and step counters from `state_dict()` (or DDPEngine's: its
         "model" has the same keys). Optimizer moments start fresh."""
-        from deepspeed.utils import safe_set_full_fp32_param
         from deepspeed.runtime.zero import GatheredParameters
+        from deepspeed.utils import safe_set_full_fp32_param
 
         model = state["model"]
         tensors = self.module.state_dict(keep_vars=True)
@@ -368,7 +374,10 @@ class DeepSpeedEngine:
                 group["lr"] = lr
         for name, value in state.get("steps", {}).items():
             setattr(self.engine, name, value)
-        _log("DeepSpeedEngine.load_state_dict restored weights, LR schedule and step counters; optimizer moments start fresh (engine.load(dir) resumes exactly)")
+        _log(
+            "DeepSpeedEngine.load_state_dict restored weights, LR schedule and step counters; "
+            "optimizer moments start fresh (engine.load(dir) resumes exactly)"
+        )
 
     # -- DeepSpeed's sharded checkpoints (every rank calls these)
 
@@ -381,7 +390,9 @@ class DeepSpeedEngine:
     def load(self, directory: str | Path, tag: str | None = None) -> dict:
         """DeepSpeed's load_checkpoint of `save`'s directory (same world size and ZeRO stage);
         returns the client state. Every rank calls it."""
-        path, client = self.engine.load_checkpoint(str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+        path, client = self.engine.load_checkpoint(
+            str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory} (tag {tag or 'from the latest file'})")
         return client or {}
@@ -398,6 +409,9 @@ def build_engine(method, cfg, total_steps: int, device) -> DDPEngine | DeepSpeed
     if name == "ddp":
         engine = DDPEngine(method, cfg, total_steps, device)
         clip = cfg.optim.grad_clip
-        _log(f"engine=ddp world_size={world_size()} optimizer={cfg.optim.name} grad_clip={clip if clip else 'off'} precision=fp32")
+        _log(
+            f"engine=ddp world_size={world_size()} optimizer={cfg.optim.name} "
+            f"grad_clip={clip if clip else 'off'} precision=fp32"
+        )
         return engine
     raise ValueError(f"unknown train.engine {name!r}; expected 'ddp' or 'deepspeed'")

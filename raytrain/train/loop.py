@@ -17,9 +17,9 @@ from raytrain.data.pipeline import DataSource
 from raytrain.data.schema import SKIP_REASONS
 from raytrain.methods import build_method
 from raytrain.train import checkpoint
+from raytrain.train.checkpoint import get_rng_state, set_rng_state
 from raytrain.train.dist import all_sum, gather_objects
 from raytrain.train.engine import build_engine
-from raytrain.train.checkpoint import get_rng_state, set_rng_state
 
 ROW_INFO = ("id", "path", *SKIP_REASONS)  # batch columns that are not model inputs
 DEEPSPEED_DIR = "deepspeed"  # DeepSpeed's sharded states inside a checkpoint
@@ -47,7 +47,13 @@ def train_loop_per_worker(payload: dict) -> None:
         raise ValueError(f"train.batch_size {cfg.train.batch_size} exceeds the {src.num_rows} training rows")
     total = min(cfg.train.epochs * steps_per_epoch, cfg.train.max_steps or 1 << 62)
     engine = build_engine(method, cfg, total, device)
-    progress = {"step": 0, "seen": 0, "skipped": dict.fromkeys(SKIP_REASONS, 0), "resumed_step": -1, "world_size": world}
+    progress = {
+        "step": 0,
+        "seen": 0,
+        "skipped": dict.fromkeys(SKIP_REASONS, 0),
+        "resumed_step": -1,
+        "world_size": world,
+    }
     if (resumed := ray.train.get_checkpoint()) is not None:  # after a failure: continue exactly
         with resumed.as_directory() as d:
             saved, _ = checkpoint.load(d)
@@ -64,12 +70,16 @@ def train_loop_per_worker(payload: dict) -> None:
 
     window, logs, first_batch_s = [], {}, None
     # a run restarted from its final checkpoint trains no step: its final report has no loss
-    loss, stats, epoch = torch.tensor(float("nan")), {}, progress["step"] // steps_per_epoch
-    for epoch in range(epoch, cfg.train.epochs):
+    loss, stats, first_epoch = torch.tensor(float("nan")), {}, progress["step"] // steps_per_epoch
+    epoch = first_epoch
+    for epoch in range(first_epoch, cfg.train.epochs):
         batches = shard.iter_batches(
-            batch_size=local_batch, batch_format="numpy", drop_last=True,
-            local_shuffle_buffer_size=4 * local_batch, local_shuffle_seed=cfg.seed * 7919 + epoch * 31 + rank,
-        )  # fmt: skip
+            batch_size=local_batch,
+            batch_format="numpy",
+            drop_last=True,
+            local_shuffle_buffer_size=4 * local_batch,
+            local_shuffle_seed=cfg.seed * 7919 + epoch * 31 + rank,
+        )
         done_in_epoch = progress["step"] - epoch * steps_per_epoch  # data position on resume
         for i, batch in enumerate(batches):
             if i >= steps_per_epoch or progress["step"] >= total:  # the same step count on every rank
@@ -87,7 +97,9 @@ def train_loop_per_worker(payload: dict) -> None:
             for micro in _split(inputs, getattr(engine, "accumulation", 1)):
                 loss, logs = engine(micro, 1 + epoch + i / steps_per_epoch)
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss.item()} at step {progress['step']} (epoch {epoch}); lower optim.lr?")
+                    raise FloatingPointError(
+                        f"loss became {loss.item()} at step {progress['step']} (epoch {epoch}); lower optim.lr?"
+                    )
                 stats = engine.step(loss)
             window.append(time.perf_counter() - t0)
             progress["seen"] += int(keep.sum())
@@ -95,7 +107,15 @@ def train_loop_per_worker(payload: dict) -> None:
             step = progress["step"]
             if step % cfg.train.report_every == 0 and step < total:
                 save = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
-                report(_metrics(loss, logs, stats, step, epoch, window, local_batch), engine, progress, cfg, payload, rank, save)
+                report(
+                    _metrics(loss, logs, stats, step, epoch, window, local_batch),
+                    engine,
+                    progress,
+                    cfg,
+                    payload,
+                    rank,
+                    save,
+                )
                 window = []
         if progress["step"] >= total:
             break
@@ -107,11 +127,18 @@ def train_loop_per_worker(payload: dict) -> None:
     metrics = _metrics(loss, logs, stats, progress["step"], epoch, window, local_batch)
     metrics.update({f"skipped_{r}": int(n) for r, n in counts.items()}, skipped_rows=int(sum(counts.values())))
     metrics["samples_seen"] = int(all_sum([progress["seen"]])[0])
-    metrics.update(resumed_step=progress["resumed_step"], world_size=world, startup_s=first_batch_s or 0.0, train_s=time.perf_counter() - started - (first_batch_s or 0.0))
+    metrics.update(
+        resumed_step=progress["resumed_step"],
+        world_size=world,
+        startup_s=first_batch_s or 0.0,
+        train_s=time.perf_counter() - started - (first_batch_s or 0.0),
+    )
     state = engine.state_dict()  # every rank: a collective under DeepSpeed ZeRO
     if rank == 0 and cfg.train.eval and src.eval_dir:
         t0 = time.perf_counter()
-        metrics.update(evaluate(eval_model(engine, state, cfg, tokenizer, device), tokenizer, cfg, src.eval_dir, device))
+        metrics.update(
+            evaluate(eval_model(engine, state, cfg, tokenizer, device), tokenizer, cfg, src.eval_dir, device)
+        )
         metrics["eval_s"] = time.perf_counter() - t0
     report(metrics, engine, progress, cfg, payload, rank, save=True, state=state)
 
@@ -129,7 +156,9 @@ def eval_model(engine, state: dict, cfg, tokenizer, device) -> torch.nn.Module:
     return model.to(device)
 
 
-def report(metrics: dict, engine, progress: dict, cfg, payload: dict, rank: int, save: bool, state: dict | None = None) -> None:
+def report(
+    metrics: dict, engine, progress: dict, cfg, payload: dict, rank: int, save: bool, state: dict | None = None
+) -> None:
     """ray.train.report on every rank; with `save`, a checkpoint: rank 0 writes the
     consolidated engine state (what export and a resume at another world size read), the
     progress (step, data position, counters) and every rank's RNG; under DeepSpeed every
@@ -143,7 +172,9 @@ def report(metrics: dict, engine, progress: dict, cfg, payload: dict, rank: int,
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = Path(tmp) / "ckpt"
         if rank == 0:
-            checkpoint.save(ckpt, {"engine": state, "progress": progress, "rng": rngs}, cfg, {"source": payload["source"]})
+            checkpoint.save(
+                ckpt, {"engine": state, "progress": progress, "rng": rngs}, cfg, {"source": payload["source"]}
+            )
         if hasattr(engine, "save"):
             engine.save(ckpt / DEEPSPEED_DIR)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt) if ckpt.exists() else None)
@@ -186,7 +217,9 @@ def evaluate(method, tokenizer, cfg, eval_dir: str, device) -> dict[str, float]:
 
     results = {}
     for prefix, (images, texts) in method.evaluations().items():
-        scores = run_suite(lambda data, f=images: f(pixels(data)), lambda caps, f=texts: f(tokens(caps), caps), eval_dir)
+        scores = run_suite(
+            lambda data, f=images: f(pixels(data)), lambda caps, f=texts: f(tokens(caps), caps), eval_dir
+        )
         results.update({prefix + k: v for k, v in scores.items()})
     method.train()
     return results

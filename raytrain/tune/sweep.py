@@ -46,7 +46,9 @@ class Space(BaseModel):
     baseline: Any = None
 
 
-def load_space(path: str | Path, overrides: list[str] = (), profiles: list[str | Path] = ()) -> tuple[Space, Config, list[dict[str, Any]]]:
+def load_space(
+    path: str | Path, overrides: list[str] = (), profiles: list[str | Path] = ()
+) -> tuple[Space, Config, list[dict[str, Any]]]:
     """(space, base config, per-trial overrides). `profiles` are config fragments (YAML, e.g.
     tune_spaces/profiles/h100x8-trials.yaml: scale and resources) merged over the space's
     config in order. CLI overrides `grid.<key>=[...]` replace a grid axis (e.g.
@@ -141,7 +143,11 @@ def fit_run(cfg: Config, name: str, storage: str, source, cache=None, to_tune: b
         if done.checkpoint is None:
             raise RuntimeError(f"run {name}-{stage_cfg.method} ended without a checkpoint for {key}")
         path = uri(done.checkpoint.filesystem, done.checkpoint.path)
-        print(f"raytrain: {name}-{stage_cfg.method} done, loss {done.metrics.get('loss', float('nan')):.4f}; {key}={path}", flush=True)
+        print(
+            f"raytrain: {name}-{stage_cfg.method} done, loss {done.metrics.get('loss', float('nan')):.4f}; "
+            f"{key}={path}",
+            flush=True,
+        )
         cfg = cfg.override({key: path})
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -168,7 +174,9 @@ def fit_run(cfg: Config, name: str, storage: str, source, cache=None, to_tune: b
     return trainer.fit()
 
 
-def run_sweep(space_path: str | Path, overrides: list[str] = (), resume: str | None = None, profiles: list[str | Path] = ()) -> Path:
+def run_sweep(
+    space_path: str | Path, overrides: list[str] = (), resume: str | None = None, profiles: list[str | Path] = ()
+) -> Path:
     """Run (or, given the experiment directory, resume) a sweep; returns the report path."""
     import ray
     from ray import tune
@@ -183,7 +191,9 @@ def run_sweep(space_path: str | Path, overrides: list[str] = (), resume: str | N
     configs = [trial_overrides(p, space.variants, base) for p in trials]
     cache = shared_cache(base, source, configs) if any(c.cache.use for c in configs) else None
     trainable = tune.with_resources(
-        tune.with_parameters(run_trial, base=base.model_dump(mode="json"), variants=space.variants, source=source, cache=cache),
+        tune.with_parameters(
+            run_trial, base=base.model_dump(mode="json"), variants=space.variants, source=source, cache=cache
+        ),
         {"CPU": 0.01},
     )
     if resume:
@@ -228,7 +238,10 @@ def shared_cache(base: Config, source, configs: list[Config]):
 
     for cfg in configs:
         if _declared(cfg) != _declared(base):  # e.g. teachers.* on the grid
-            raise ConfigError("a trial changes the teacher cache's inputs (teachers.*, data preprocessing); sweep those in separate runs")
+            raise ConfigError(
+                "a trial changes the teacher cache's inputs (teachers.*, data preprocessing); "
+                "sweep those in separate runs"
+            )
     manifest = build_cache(base)
     root = cache_dir(base, source)
     return CacheReader(root, source.files, manifest["shapes"], *resolve(root, base.data.s3))
@@ -256,7 +269,9 @@ def read_space(exp: str) -> tuple[Space, int]:
     try:
         space = Space.model_validate(yaml.safe_load(read_bytes(fs, posixpath.join(path, SPACE_FILE))))
     except FileNotFoundError:
-        raise FileNotFoundError(f"{shown} does not exist: {exp} is a Tune experiment, but not one started by `raytrain sweep`") from None
+        raise FileNotFoundError(
+            f"{shown} does not exist: {exp} is a Tune experiment, but not one started by `raytrain sweep`"
+        ) from None
     except Exception as e:  # pydantic's message names the field
         raise ConfigError(f"{shown}: {e}") from None
     return space, space.config.get("seed", Config.model_fields["seed"].default)
@@ -296,17 +311,21 @@ def trial_table(grid, space: Space, base_seed: int) -> pd.DataFrame:
     for result in grid:
         params = {k: result.config.get(k) for k in space.grid}
         metrics = result.metrics or {}
-        status = "ERROR" if result.error else "TERMINATED" if status_of.get(result.path) == "TERMINATED" else "UNFINISHED"
-        rows.append({
-            "trial_id": Path(result.path).name,
-            "status": status,
-            "error": error_summary(result.error) if result.error else None,
-            "seed": base_seed,
-            **{k.split(".")[-1]: v for k, v in params.items()},
-            **{m: float(metrics.get(m, float("nan"))) for m in space.metrics},
-            "step_time": float(metrics.get("step_time", float("nan"))),
-            "skipped_rows": metrics.get("skipped_rows"),
-        })  # fmt: skip
+        status = (
+            "ERROR" if result.error else "TERMINATED" if status_of.get(result.path) == "TERMINATED" else "UNFINISHED"
+        )
+        rows.append(
+            {
+                "trial_id": Path(result.path).name,
+                "status": status,
+                "error": error_summary(result.error) if result.error else None,
+                "seed": base_seed,
+                **{k.split(".")[-1]: v for k, v in params.items()},
+                **{m: float(metrics.get(m, float("nan"))) for m in space.metrics},
+                "step_time": float(metrics.get("step_time", float("nan"))),
+                "skipped_rows": metrics.get("skipped_rows"),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -331,9 +350,11 @@ def write_sweep_report(grid, space: Space, base_seed: int, out_dir: str | None =
     curves = {Path(r.path).name: r.metrics_dataframe for r in grid if r.metrics_dataframe is not None}
     group = space.group.split(".")[-1]
     notes = [
-        f"Experiment directory: `{exp}` (resume with `--resume {exp}`; rebuild this report with `raytrain report {exp}`).",
+        f"Experiment directory: `{exp}` (resume with `--resume {exp}`; "
+        f"rebuild this report with `raytrain report {exp}`).",
         f"TensorBoard: `tensorboard --logdir {exp}` (one run per trial, written by Tune).",
-        f"Mean per-step time over trials: {table['step_time'].mean():.3f} s; rows skipped (bad image or empty caption) per trial: "
+        f"Mean per-step time over trials: {table['step_time'].mean():.3f} s; "
+        "rows skipped (bad image or empty caption) per trial: "
         + ", ".join(str(x) for x in table["skipped_rows"].tolist()),
     ]
     baseline = space.baseline
@@ -341,10 +362,18 @@ def write_sweep_report(grid, space: Space, base_seed: int, out_dir: str | None =
         notes.append(f"No deltas: the baseline row {baseline!r} is not in this sweep's grid.")
         baseline = None
     return write_report(
-        table, out_dir or exp, group=group, metrics=space.metrics, primary=space.primary, title=f"{space.name}: {', '.join(space.grid)}",
-        group_label={_key(k): v for k, v in space.group_labels.items()}, notes=notes, baseline=baseline,
-        curves=curves, curve_metrics=CURVES,
-    )  # fmt: skip
+        table,
+        out_dir or exp,
+        group=group,
+        metrics=space.metrics,
+        primary=space.primary,
+        title=f"{space.name}: {', '.join(space.grid)}",
+        group_label={_key(k): v for k, v in space.group_labels.items()},
+        notes=notes,
+        baseline=baseline,
+        curves=curves,
+        curve_metrics=CURVES,
+    )
 
 
 def _key(k):
