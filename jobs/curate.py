@@ -16,6 +16,7 @@ from raytrain.config import ConfigError, make_config
 from raytrain.data.curation import CurationError, curate, default_concepts, load_concepts
 from raytrain.data.schema import SchemaError
 from raytrain.data.sources import StorageError
+from raytrain.log import log
 
 
 def main(argv: list[str]) -> int:
@@ -36,7 +37,7 @@ def main(argv: list[str]) -> int:
             args.seed,
         )
     except (ConfigError, CurationError, SchemaError, StorageError, FileNotFoundError) as e:
-        print(f"raytrain: error: {e}", file=sys.stderr)
+        log.error(f"error: {e}")
         return 2
     return 0
 

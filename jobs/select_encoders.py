@@ -14,6 +14,7 @@ from pathlib import Path
 
 from raytrain.config import ConfigError, TeacherConfig, TextTeacherConfig, make_config
 from raytrain.eval.select import encoder_table
+from raytrain.log import log
 
 SIZES = ("tiny", "vits16", "vitb16", "vitl16")
 
@@ -49,14 +50,14 @@ def main(argv: list[str]) -> int:
         }
         table = encoder_table(cfg.data, images, texts, args.n)
     except ConfigError as e:
-        print(f"raytrain: error: {e}", file=sys.stderr)
+        log.error(f"error: {e}")
         return 2
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
     print("| image encoder | text encoder | CKA |\n|---|---|---|")
     for row in table.itertuples():
         print(f"| {row.image_encoder} | {row.text_encoder} | {row.cka:.4f} |")
-    print(f"raytrain: table written to {args.out}")
+    log.info(f"table written to {args.out}")
     return 0
 
 

@@ -8,6 +8,7 @@ import sys
 from raytrain.config import ConfigError
 from raytrain.data.schema import SchemaError
 from raytrain.data.sources import StorageError
+from raytrain.log import log
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,11 +84,11 @@ def main(argv: list[str] | None = None) -> int:
             from raytrain.tune.sweep import run_sweep
 
             report = run_sweep(args.space, args.overrides, args.resume, args.profile)
-            print(f"raytrain: report written to {report}", flush=True)
+            log.info(f"report written to {report}")
         elif args.command == "report":
             from raytrain.tune.sweep import report_experiment
 
-            print(f"raytrain: report written to {report_experiment(args.experiment, args.out)}", flush=True)
+            log.info(f"report written to {report_experiment(args.experiment, args.out)}")
         elif args.command == "cache":
             from raytrain.config import load_config
             from raytrain.teachers.cache import build_cache
@@ -96,20 +97,20 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "export":
             from raytrain.export import export
 
-            print(f"raytrain: student exported to {export(args.checkpoint, args.out)}")
+            log.info(f"student exported to {export(args.checkpoint, args.out)}")
         elif args.command == "eval":
             from raytrain.config import load_config
             from raytrain.eval.run import run_eval
 
             summary = run_eval(args.model, load_config(args.config, args.overrides), args.out, args.parallel)
-            print(f"raytrain: evaluation written to {summary}", flush=True)
+            log.info(f"evaluation written to {summary}")
         elif args.command == "data":
             from raytrain.data.synthetic import make_dataset
 
             manifest = make_dataset(args.out_dir, args.n_train, args.n_eval, args.seed, args.image_size)
-            print(f"raytrain: dataset in {args.out_dir}: {manifest['counts']}")
+            log.info(f"dataset in {args.out_dir}: {manifest['counts']}")
     except (ConfigError, SchemaError, StorageError, FileNotFoundError) as e:  # CacheMismatch is a ConfigError
-        print(f"raytrain: error: {e}", file=sys.stderr)
+        log.error(f"error: {e}")
         return 2
     return 0
 

@@ -426,6 +426,8 @@ class RunConfig(Section):
     storage_path: str = "~/raytrain_results"
     max_concurrent_trials: int = Field(1, ge=1)
     wandb: bool = False  # W&B through Ray's callback; offline unless WANDB_API_KEY is set
+    # raytrain's own log lines (driver and workers); RAYTRAIN_LOG_LEVEL sets it before a config is read
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 
 
 class EvalTaskConfig(Section):

@@ -43,6 +43,7 @@ from tqdm import tqdm
 
 from raytrain.config import DataConfig
 from raytrain.data.sources import exists, resolve, write_atomic
+from raytrain.log import log
 
 WORD = re.compile(r"\w+")
 REPORT = "curation.json"
@@ -270,10 +271,9 @@ def curate(data: DataConfig, out: str, concepts: Sequence[str], cap: int = 2000,
     print(f"| {'concept':<{width}} | before | selected | after |\n|{'-' * (width + 2)}|-------:|---------:|------:|")
     for r in table:
         print(f"| {r['concept']:<{width}} | {r['before']:>6} | {r['selected']:>8} | {r['after']:>5} |")
-    print(
-        f"raytrain: curated {len(taken)} of {src.num_rows} rows "
+    log.info(
+        f"curated {len(taken)} of {src.num_rows} rows "
         f"({len(matches)} reach a concept; at most {cap} per concept, "
-        f"rarest first, seed {seed}) into {out}; counts in {posixpath.join(out, REPORT)}",
-        flush=True,
+        f"rarest first, seed {seed}) into {out}; counts in {posixpath.join(out, REPORT)}"
     )
     return report

@@ -33,6 +33,7 @@ from raytrain.data.formats import read_file
 from raytrain.data.pipeline import DataSource, prepare
 from raytrain.data.sources import StorageError, exists, read_bytes, resolve, write_atomic
 from raytrain.data.transforms import decode_image, normalize
+from raytrain.log import log
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -196,13 +197,12 @@ def build_cache(config) -> dict:
         diff = differences(manifest["fingerprint"], wanted)
         if diff:
             raise CacheMismatch(f"cache at {root} was built for another config:\n  " + "\n  ".join(diff))
-        print(f"raytrain: teacher cache at {root} is complete ({manifest['rows']} rows); reusing it")
+        log.info(f"teacher cache at {root} is complete ({manifest['rows']} rows); reusing it")
         return manifest
     todo = [i for i in range(len(src.files)) if not exists(fs, posixpath.join(base, shard_name(i)))]
-    print(
-        f"raytrain: building teacher cache at {root}: {len(todo)} of {len(src.files)} shards to do "
-        f"({', '.join(config.cache.teachers)})",
-        flush=True,
+    log.info(
+        f"building teacher cache at {root}: {len(todo)} of {len(src.files)} shards to do "
+        f"({', '.join(config.cache.teachers)})"
     )
     if not ray.is_initialized():
         ray.init()
@@ -239,13 +239,12 @@ def build_cache(config) -> dict:
     }
     write_atomic(fs, posixpath.join(base, MANIFEST), json.dumps(manifest, indent=1).encode())
     built = sum(int(r["rows"]) for r in results)
-    print(
-        f"raytrain: teacher cache complete: {manifest['rows']} rows in {len(shards)} shards, "
+    log.info(
+        f"teacher cache complete: {manifest['rows']} rows in {len(shards)} shards, "
         f"{manifest['bytes'] / 1e6:.1f} MB; built {built} rows in {elapsed:.1f} s "
         f"({built / max(elapsed, 1e-9):.0f} rows/s); "
         f"skipped {manifest['skipped']['bad_image']} undecodable images, "
-        f"{manifest['skipped']['empty_caption']} empty captions",
-        flush=True,
+        f"{manifest['skipped']['empty_caption']} empty captions"
     )
     return manifest
 

@@ -23,17 +23,8 @@ from pathlib import Path
 import torch
 from torch.nn.parallel import DistributedDataParallel
 
+from raytrain.log import log
 from raytrain.train.dist import world_size
-
-
-def _rank() -> int:
-    d = torch.distributed
-    return d.get_rank() if d.is_available() and d.is_initialized() else 0
-
-
-def _log(line: str) -> None:
-    if _rank() == 0:
-        print(f"raytrain: {line}", flush=True)
 
 
 class DDPEngine:
@@ -374,7 +365,7 @@ class DeepSpeedEngine:
                 group["lr"] = lr
         for name, value in state.get("steps", {}).items():
             setattr(self.engine, name, value)
-        _log(
+        log.info(
             "DeepSpeedEngine.load_state_dict restored weights, LR schedule and step counters; "
             "optimizer moments start fresh (engine.load(dir) resumes exactly)"
         )
@@ -404,12 +395,12 @@ def build_engine(method, cfg, total_steps: int, device) -> DDPEngine | DeepSpeed
     if name == "deepspeed":
         engine = DeepSpeedEngine(method, cfg, total_steps, device)
         clip = " (gradient clipping by raytrain: DeepSpeed gets 0)" if engine._own_clip else ""
-        _log(f"engine=deepspeed world_size={world_size()} config={json.dumps(engine.config, sort_keys=True)}{clip}")
+        log.info(f"engine=deepspeed world_size={world_size()} config={json.dumps(engine.config, sort_keys=True)}{clip}")
         return engine
     if name == "ddp":
         engine = DDPEngine(method, cfg, total_steps, device)
         clip = cfg.optim.grad_clip
-        _log(
+        log.info(
             f"engine=ddp world_size={world_size()} optimizer={cfg.optim.name} "
             f"grad_clip={clip if clip else 'off'} precision=fp32"
         )

@@ -15,6 +15,7 @@ import torch
 from raytrain.config import make_config
 from raytrain.data.pipeline import DataSource
 from raytrain.data.schema import SKIP_REASONS
+from raytrain.log import log, set_level
 from raytrain.methods import build_method
 from raytrain.train import checkpoint
 from raytrain.train.checkpoint import get_rng_state, set_rng_state
@@ -33,6 +34,7 @@ def worker_config(cfg, src: DataSource) -> dict:
 def train_loop_per_worker(payload: dict) -> None:
     started = time.perf_counter()
     cfg = make_config(payload["config"])
+    set_level(cfg.run.log_level)
     src = DataSource(**payload["source"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -65,7 +67,7 @@ def train_loop_per_worker(payload: dict) -> None:
         progress = {**saved["progress"], "resumed_step": saved["progress"]["step"], "world_size": world}
         if rank < len(saved["rng"]):  # a rank new to a larger world keeps its seeded state
             set_rng_state(saved["rng"][rank])
-        print(f"raytrain: rank {rank} resumed at step {progress['step']} from {resumed.path}", flush=True)
+        log.info(f"resumed at step {progress['step']} from {resumed.path}")
     shard = ray.train.get_dataset_shard("train")
 
     window, logs, first_batch_s = [], {}, None

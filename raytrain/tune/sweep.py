@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from raytrain.config import Config, ConfigError, make_config, parse_overrides, read_tree
 from raytrain.data.sources import read_bytes, resolve, write_atomic
+from raytrain.log import log, set_level
 
 
 class Space(BaseModel):
@@ -143,11 +144,7 @@ def fit_run(cfg: Config, name: str, storage: str, source, cache=None, to_tune: b
         if done.checkpoint is None:
             raise RuntimeError(f"run {name}-{stage_cfg.method} ended without a checkpoint for {key}")
         path = uri(done.checkpoint.filesystem, done.checkpoint.path)
-        print(
-            f"raytrain: {name}-{stage_cfg.method} done, loss {done.metrics.get('loss', float('nan')):.4f}; "
-            f"{key}={path}",
-            flush=True,
-        )
+        log.info(f"{name}-{stage_cfg.method} done, loss {done.metrics.get('loss', float('nan')):.4f}; {key}={path}")
         cfg = cfg.override({key: path})
     trainer = TorchTrainer(
         train_loop_per_worker,
@@ -184,6 +181,7 @@ def run_sweep(
     from raytrain.data.pipeline import prepare
 
     space, base, trials = load_space(space_path, overrides, profiles)
+    set_level(base.run.log_level)
     storage = os.path.expanduser(base.run.storage_path)
     source = prepare(base.data)  # generates the embedded default once, before any trial
     if not ray.is_initialized():
@@ -215,7 +213,7 @@ def run_sweep(
             tune_config=tune.TuneConfig(max_concurrent_trials=base.run.max_concurrent_trials),
             run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks),
         )
-    print(f"raytrain: {len(trials)} trials of {space.name}; data {source.path} ({source.num_rows} rows)", flush=True)
+    log.info(f"{len(trials)} trials of {space.name}; data {source.path} ({source.num_rows} rows)")
     grid = tuner.fit()
     return write_sweep_report(grid, space, base.seed)
 
