@@ -19,13 +19,16 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import DINOv3ViTConfig, DINOv3ViTModel
 
 from raytrain.teachers import weights_hash
+
+if TYPE_CHECKING:
+    from transformers import DINOv3ViTModel
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -55,6 +58,8 @@ def default_layers(num_layers: int, n: int = 4) -> tuple[int, ...]:
 
 
 def random_model(size: str, image_size: int) -> DINOv3ViTModel:
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel  # 3 s of import: only where a teacher is built
+
     config = DINOv3ViTConfig(
         **SIZES[size],
         intermediate_size=4 * SIZES[size]["hidden_size"],
@@ -70,6 +75,8 @@ def random_model(size: str, image_size: int) -> DINOv3ViTModel:
 
 def load_model(path: str) -> tuple[DINOv3ViTModel, tuple, tuple]:
     """A DINOv3 ViT from a local directory, with its normalization constants."""
+    from transformers import DINOv3ViTConfig, DINOv3ViTModel
+
     root = Path(path).expanduser()
     if not root.is_dir():
         raise FileNotFoundError(f"teacher.path {path!r} does not exist or is not a directory")
