@@ -161,12 +161,24 @@ def normalize(table: pa.Table, cfg: DataConfig) -> pa.Table:
 
 def read_file(fs: pafs.FileSystem, path: str, cfg: DataConfig, columns=None) -> pa.Table:
     """One training file as the normalized table, with `columns` of it (default: all)."""
-    schema = _schema(cfg)
-    columns = list(columns or schema.names)
-    if cfg.format != "webdataset":
-        return normalize(pq.read_table(path, columns=read_columns(cfg, columns), filesystem=fs), cfg)
-    tables = list(iter_tar(fs, path, cfg, images="image" in columns))
-    return (pa.concat_tables(tables) if tables else schema.empty_table()).select(columns)
+    columns = list(columns or _schema(cfg).names)
+    tables = list(iter_file(fs, path, cfg, columns))
+    return pa.concat_tables(tables) if tables else _schema(cfg).empty_table().select(columns)
+
+
+def iter_file(
+    fs: pafs.FileSystem, path: str, cfg: DataConfig, columns=None, rows: int = CHUNK_ROWS
+) -> Iterator[pa.Table]:
+    """One training file as normalized tables of up to `rows` rows, with `columns` of it (default:
+    all): streamed, so a large shard is never held whole (parquet row groups, tar samples)."""
+    columns = list(columns or _schema(cfg).names)
+    if cfg.format == "webdataset":
+        for table in iter_tar(fs, path, cfg, images="image" in columns, rows=rows):
+            yield table.select(columns)
+        return
+    with fs.open_input_file(path) as f:
+        for batch in pq.ParquetFile(f).iter_batches(batch_size=rows, columns=read_columns(cfg, columns)):
+            yield normalize(pa.Table.from_batches([batch]), cfg)
 
 
 def iter_tar(

@@ -11,7 +11,7 @@ from functools import partial
 import pyarrow as pa
 
 from raytrain.config import DataConfig
-from raytrain.data.formats import check_files, iter_tar, list_files, normalize, read_columns, read_file
+from raytrain.data.formats import check_files, iter_file, list_files, read_file
 from raytrain.data.sources import resolve
 from raytrain.data.transforms import HFTokenizer, Preprocess, WordTokenizer
 
@@ -67,36 +67,32 @@ def train_dataset(src: DataSource, cfg: DataConfig, seed: int, cache=None):
     import ray.data
 
     fs, _ = resolve(src.path, cfg.s3)
-    with_path = cache is not None  # the file names the cache shard to join against
-    if cfg.format == "webdataset":
-        # one read task per tar, through the reader prepare() and the cache use, so checks and
-        # bad-row accounting are the same (Ray's read_webdataset gives each extension its own
-        # column, .jpg/.png/.webp apart, and by default decodes images itself)
-        ds = ray.data.from_items([{"path": f} for f in src.files], override_num_blocks=len(src.files))
-        ds = ds.randomize_block_order(seed=seed).map_batches(
-            partial(_read_tars, fs=fs, cfg=cfg, with_path=with_path),
-            batch_format="pyarrow",
-            batch_size=1,
-            num_cpus=cfg.num_cpus,
-        )
-    else:
-        columns = read_columns(cfg, ["id", "image", cfg.caption_column, *cfg.extra_captions])
-        ds = ray.data.read_parquet(
-            list(src.files), filesystem=fs, columns=columns, num_cpus=cfg.num_cpus, include_paths=with_path
-        )
-        ds = ds.randomize_block_order(seed=seed)
-        if cfg.format == "img2dataset":
-            ds = ds.map_batches(partial(normalize, cfg=cfg), batch_format="pyarrow", num_cpus=cfg.num_cpus)
+    columns = ["id", "image", cfg.caption_column, *cfg.extra_captions]
+    # One read task per file, from the files prepare() checked, through the reader that the checks
+    # and the cache build use, so every format reads, counts bad rows and joins the same way. Not
+    # Ray's read_parquet: it lists files in a task that needs a whole free CPU, which a 2-core
+    # machine running two trials does not have (the stream waited forever), and it packed a few
+    # small files into one block, so randomize_block_order left them in file order whatever the seed.
+    ds = ray.data.from_items([{"path": f} for f in src.files], override_num_blocks=len(src.files))
+    ds = ds.randomize_block_order(seed=seed).map_batches(
+        partial(_read, fs=fs, cfg=cfg, columns=columns, with_path=cache is not None),
+        batch_format="pyarrow",
+        batch_size=1,
+        num_cpus=cfg.num_cpus,
+    )
     fn = Preprocess(src.tokenizer(cfg), cfg, cache)
     ds = ds.map_batches(fn, batch_format="numpy", batch_size=256, num_cpus=cfg.num_cpus)
     # a deterministic order, so a run resumed from a checkpoint skips exactly the batches it
     # saw (Ray Train replaces these options with its own: see tune.sweep.ingest_config)
     ds.context.execution_options.preserve_order = True
+    # a trial's data stream is followed by its reports; per-operator bars would only fill its logs
+    ds.context.enable_progress_bars = False
     return ds
 
 
-def _read_tars(batch: pa.Table, fs, cfg: DataConfig, with_path: bool):
-    """map_batches generator: the tars named in `batch` as normalized tables (+ their path)."""
+def _read(batch: pa.Table, fs, cfg: DataConfig, columns: list[str], with_path: bool):
+    """map_batches generator: the files named in `batch` as normalized tables, with their path
+    when the teacher cache joins on it (its shard i holds training file i's outputs)."""
     for path in batch.column("path").to_pylist():
-        for table in iter_tar(fs, path, cfg):
+        for table in iter_file(fs, path, cfg, columns):
             yield table.append_column("path", pa.array([path] * len(table), pa.string())) if with_path else table
