@@ -426,6 +426,9 @@ class RunConfig(Section):
     storage_path: str = "~/raytrain_results"
     max_concurrent_trials: int = Field(1, ge=1)
     wandb: bool = False  # W&B through Ray's callback; offline unless WANDB_API_KEY is set
+    # every Ray worker's output in the sweep driver's log (Ray's default); off: the driver logs one
+    # line per finished trial, and worker logs stay in the Ray session's log directory
+    worker_logs: bool = False
     # raytrain's own log lines (driver and workers); RAYTRAIN_LOG_LEVEL sets it before a config is read
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 import itertools
 import os
 import posixpath
-import re
 import time
 from pathlib import Path
 from typing import Any, Literal
@@ -29,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from raytrain.config import Config, ConfigError, make_config, parse_overrides, read_tree
 from raytrain.data.sources import read_bytes, resolve, write_atomic
 from raytrain.log import log, set_level
+from raytrain.tune.progress import Progress, error_summary
 
 
 class Space(BaseModel):
@@ -185,7 +185,7 @@ def run_sweep(
     storage = os.path.expanduser(base.run.storage_path)
     source = prepare(base.data)  # generates the embedded default once, before any trial
     if not ray.is_initialized():
-        ray.init()
+        ray.init(log_to_driver=base.run.worker_logs, runtime_env=runtime_env())
     configs = [trial_overrides(p, space.variants, base) for p in trials]
     cache = shared_cache(base, source, configs) if any(c.cache.use for c in configs) else None
     trainable = tune.with_resources(
@@ -197,7 +197,7 @@ def run_sweep(
     if resume:
         tuner = tune.Tuner.restore(resume, trainable, resume_errored=False, restart_errored=False)
     else:
-        callbacks = []
+        callbacks = [Progress(len(trials), list(space.grid), space.primary)]
         if base.run.wandb:
             from ray.air.integrations.wandb import WandbLoggerCallback
 
@@ -211,11 +211,21 @@ def run_sweep(
             trainable,
             param_space={key: tune.grid_search(values) for key, values in space.grid.items()},
             tune_config=tune.TuneConfig(max_concurrent_trials=base.run.max_concurrent_trials),
-            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks),
+            # verbose=0: Tune's status tables give way to Progress's one line per trial
+            run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=0),
         )
     log.info(f"{len(trials)} trials of {space.name}; data {source.path} ({source.num_rows} rows)")
     grid = tuner.fit()
     return write_sweep_report(grid, space, base.seed)
+
+
+def runtime_env() -> dict:
+    """What every process of the sweep gets. Ray Train's controller polls its workers every
+    RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), and a trial waits for that poll at each
+    report and at its end; a 2-core machine's short trials lose seconds to it each time. Left
+    alone where the job itself sets it (Ray refuses a conflicting value)."""
+    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    return {"env_vars": {k: v for k, v in env.items() if k not in os.environ}}
 
 
 def ingest_config():
@@ -325,17 +335,6 @@ def trial_table(grid, space: Space, base_seed: int) -> pd.DataFrame:
             }
         )
     return pd.DataFrame(rows)
-
-
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-def error_summary(error: BaseException) -> str:
-    """The line that says what went wrong (`FloatingPointError: loss became nan ...`), not
-    the wrapper's header: Ray nests the worker's traceback inside its own."""
-    lines = [ANSI.sub("", x).strip() for x in str(error).splitlines() if x.strip()]
-    raised = [x for x in lines if re.match(r"^[\w.]+(Error|Exception|Interrupt)\b.*:", x)]
-    return (raised or lines or [type(error).__name__])[-1]
 
 
 def write_sweep_report(grid, space: Space, base_seed: int, out_dir: str | None = None) -> Path:
