@@ -1,5 +1,6 @@
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +14,9 @@ import pytest
 
 os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
+# what run_sweep gives the clusters it starts (raytrain.tune.sweep.runtime_env); the clusters tests
+# start inherit it from here
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
 TEST_KEY = TEST_SECRET = "testing"  # moto's test credentials; never real ones
 TEST_REGION = "us-east-1"
@@ -30,14 +34,64 @@ def ray_local():
     return ray
 
 
-@pytest.fixture
-def no_inprocess_ray():
-    """For tests that start a real cluster and end with `ray stop --force`: that kills every
-    Ray process on the machine, an in-process cluster's raylet included, and a driver whose
-    raylet dies exits, so the pytest process would die with it. Shut ours down first."""
-    import ray
+class Driver(subprocess.Popen):
+    """A process that starts a Ray cluster of its own (a sweep driver's `ray.init()`, a `ray start
+    --block` head), in a session of its own: `ray_processes` finds only its Ray processes and
+    `kill` stops them all, never another cluster on the machine (`ray stop` would stop them all)."""
 
-    ray.shutdown()
+    def __init__(self, cmd, **kwargs):
+        super().__init__([str(c) for c in cmd], start_new_session=True, **kwargs)
+
+    def ray_processes(self, name: str) -> list:
+        """Its descendants whose command line holds `name` (e.g. "RayTrainWorker")."""
+        import psutil
+
+        try:
+            found = psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return []
+        out = []
+        for proc in found:
+            try:
+                if name in " ".join(proc.cmdline()):
+                    out.append(proc)
+            except psutil.Error:  # exited meanwhile
+                pass
+        return out
+
+    def kill(self) -> None:
+        """SIGKILL its process group, then the descendants that left it (Ray's workers take
+        groups of their own and would otherwise linger until they notice the raylet is gone)."""
+        import psutil
+
+        try:
+            rest = psutil.Process(self.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            rest = []
+        try:
+            os.killpg(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for proc in rest:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        self.wait()
+
+
+@pytest.fixture
+def drivers():
+    """Factory of `Driver`s, every one killed with its Ray processes at the end of the test."""
+    started: list[Driver] = []
+
+    def start(cmd, **kwargs) -> Driver:
+        started.append(Driver(cmd, **kwargs))
+        return started[-1]
+
+    yield start
+    for driver in started:
+        driver.kill()
 
 
 # ---- S3: a real S3-compatible server (moto's) on 127.0.0.1 ----------------------------------

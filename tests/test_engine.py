@@ -219,11 +219,36 @@ def _train(engine_name: str, stage: int, precision: str, steps: int = 10, device
     return out
 
 
-def _initialize_error(precision: str) -> str:
+def _fp16() -> dict:
+    """Whether DeepSpeed's accelerator here supports fp16 (the question deepspeed.initialize asks:
+    CPUs with AVX512-FP16/AMX do, others do not), and what building an fp16 engine gives."""
+    from deepspeed.accelerator import get_accelerator
+
+    out = {"supported": get_accelerator().is_fp16_supported(), "error": "", "losses": []}
     try:
-        _engine([f"train.deepspeed.precision={precision}"])
+        engine, _ = _engine(["train.deepspeed.precision=fp16"])
+    except RuntimeError as e:
+        out["error"] = str(e)
+        return out
+    for _ in range(3):
+        loss, _ = engine(_batch(), 3.0)
+        engine.step(loss)
+        out["losses"].append(loss.item())
+    return out
+
+
+def _initialize_error() -> str:
+    """deepspeed.initialize refusing a config, on every machine: a ZeRO stage that does not exist."""
+    import raytrain.train.engine as engine
+
+    derive = engine.deepspeed_config
+    engine.deepspeed_config = lambda cfg, world: {**derive(cfg, world), "zero_optimization": {"stage": 7}}
+    try:
+        _engine(["train.deepspeed.precision=fp32"])
     except RuntimeError as e:
         return str(e)
+    finally:
+        engine.deepspeed_config = derive
     return ""
 
 
@@ -405,14 +430,18 @@ def test_zero0_fp32_matches_ddp(cpu_worker, zero0_fp32):
 
 
 def test_initialize_failure_is_explicit(cpu_worker):
-    if torch.cuda.is_available():
-        pytest.skip("fp16 is supported on GPUs")
-    message = cpu_worker(_initialize_error, "fp16")  # DeepSpeed's CPU accelerator has no fp16
-    assert (
-        "deepspeed.initialize failed" in message
-        and "'precision': 'fp16'" in message
-        and "fp16 is not supported" in message
-    )
+    message = cpu_worker(_initialize_error)
+    assert "deepspeed.initialize failed" in message and "'precision': 'fp32'" in message and "stage" in message
+
+
+def test_fp16_follows_the_accelerator(cpu_worker):
+    """fp16 trains where DeepSpeed's accelerator supports it, and fails with the config named where not."""
+    r = cpu_worker(_fp16)
+    if r["supported"]:
+        assert r["error"] == "" and all(math.isfinite(x) for x in r["losses"]), r
+    else:
+        assert "deepspeed.initialize failed" in r["error"] and "'precision': 'fp16'" in r["error"], r
+        assert "fp16 is not supported" in r["error"], r
 
 
 def test_gradient_accumulation(cpu_worker):

