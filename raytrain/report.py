@@ -35,6 +35,19 @@ ALPHA = 0.05  # the comparisons' level: 95 % intervals, Holm p < 0.05
 # per-trial facts a report states when trials.csv has them (raytrain.tune.sweep.trial_table)
 SKIPS = {"skipped_bad_image": "an image that did not decode", "skipped_empty_caption": "an empty caption"}
 RETRIEVAL = ("retrieval_images", "retrieval_captions")
+# what became of a trial (`_outcomes`), in the report's words
+EVALUATED, NOT_EVALUATED, FAILED, UNFINISHED = (
+    "finished and evaluated",
+    "finished, not evaluated",
+    "failed",
+    "unfinished",
+)
+OUTCOMES = (EVALUATED, NOT_EVALUATED, FAILED, UNFINISHED)
+
+
+def _key(outcome: str) -> str:
+    """summary.json's name of an outcome: finished_and_evaluated, finished_not_evaluated, ..."""
+    return re.sub(r"\W+", "_", outcome)
 
 
 def write_report(
@@ -146,8 +159,8 @@ def write_report(
     if comparisons:
         blocks += [
             ("h2", f"Compared with {group} {labels[baseline]}"),
-            ("p", _method_sentence(trials, ok, group, labels, baseline, primary, mode, min_effect)),
-            ("p", "**" + _verdict(comparisons[primary], ok, primary, outcome)),
+            ("p", _method_sentence(ok, group, labels, baseline, primary, mode, min_effect)),
+            ("p", f"**Verdict on `{primary}`:** " + _verdict(comparisons[primary], ok, primary, outcome)),
             (
                 "table",
                 *_paired_table(comparisons[primary], primary, labels, count, missing, baseline, min_effect, mode),
@@ -167,12 +180,26 @@ def write_report(
     blocks += [("img", name, alt, caption) for name, alt, caption, _ in plots]
     if notes:
         blocks += [("h2", "Notes"), ("ul", list(notes))]
-    summary = _summary(
-        trials, outcome, mean, std, count, n, groups, labels, group, metrics, primary, baseline, mode, min_effect
-    )
-    summary["measured"] = facts  # retrieval split sizes seen; skipped rows summed over finished trials
-    summary["comparison"] = comparisons.get(primary)
-    summary["comparisons"] = {m: c["pairs"] for m, c in comparisons.items()}
+    summary = {
+        "group": group,
+        "baseline": baseline,
+        "primary": primary,
+        "mode": mode,
+        "min_effect": min_effect,
+        "alpha": ALPHA,
+        "trials": {"total": len(trials), **{_key(k): int((outcome == k).sum()) for k in OUTCOMES}},
+        "measured": facts,  # retrieval split sizes seen; skipped rows summed over the finished trials
+        "groups": {
+            g: {
+                "label": labels[g],
+                "n": int(n[g]),
+                "metrics": {m: {"mean": mean.at[g, m], "std": std.at[g, m], "n": int(count.at[g, m])} for m in metrics},
+            }
+            for g in groups
+        },
+        "comparison": comparisons.get(primary),  # compare_groups' dict of the primary metric
+        "comparisons": {m: c["pairs"] for m, c in comparisons.items()},  # every metric's paired differences
+    }
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -311,13 +338,6 @@ def _html(title, blocks, pngs) -> str:
 
 # ---- sections ----------------------------------------------------------------------------
 
-EVALUATED, NOT_EVALUATED, FAILED, UNFINISHED = (
-    "finished and evaluated",
-    "finished, not evaluated",
-    "failed",
-    "unfinished",
-)
-
 
 def _outcomes(trials) -> pd.Series:
     """Per trial: EVALUATED, NOT_EVALUATED (finished, no evaluation metrics), FAILED (Tune's
@@ -419,7 +439,7 @@ def _summary_table(mean, std, count, n, missing, group, metrics, labels):
     return [group, *metrics, "n"], rows
 
 
-def _method_sentence(trials, ok, group, labels, baseline, primary, mode, min_effect) -> str:
+def _method_sentence(ok, group, labels, baseline, primary, mode, min_effect) -> str:
     """How the groups are compared, in words."""
     text = (
         f"Each {group} is compared with {group} {labels[baseline]}, paired by seed (trials of one seed share "
@@ -439,14 +459,14 @@ def _method_sentence(trials, ok, group, labels, baseline, primary, mode, min_eff
 def _verdict(comparison, ok, primary, outcome) -> str:
     """The primary metric's verdict (compare_groups'), or why there is none."""
     if ok[primary].notna().any():
-        return f"Verdict on `{primary}`:** {comparison['verdict']}"
+        return comparison["verdict"]
     if ok.empty:
         why = "no trial finished"
     elif not (outcome == EVALUATED).any():
         why = "no trial was evaluated"
     else:
         why = f"no finished trial reported `{primary}`"
-    return f"Verdict on `{primary}`:** none: {why}, so nothing is compared."
+    return f"none: {why}, so nothing is compared."
 
 
 def _reason(pair, g, baseline, metric, count, missing) -> str:
@@ -544,35 +564,6 @@ def _failed_section(trials, outcome, group):
             )
         rows.append([t["trial_id"], t[group], t["seed"], outcome[i], why])
     return [("table", ["trial_id", group, "seed", "outcome", "error"], rows)]
-
-
-def _summary(trials, outcome, mean, std, count, n, groups, labels, group, metrics, primary, baseline, mode, min_effect):
-    """summary.json's numbers (what report.md says, for machines); the comparisons are added by the caller."""
-    counts = outcome.value_counts()
-    out = {
-        "group": group,
-        "baseline": baseline,
-        "primary": primary,
-        "mode": mode,
-        "min_effect": min_effect,
-        "alpha": ALPHA,
-        "trials": {
-            "total": len(trials),
-            **{
-                k.replace(", ", "_").replace(" ", "_"): int(counts.get(k, 0))
-                for k in (EVALUATED, NOT_EVALUATED, FAILED, UNFINISHED)
-            },
-        },
-        "groups": {
-            g: {
-                "label": labels[g],
-                "n": int(n[g]),
-                "metrics": {m: {"mean": mean.at[g, m], "std": std.at[g, m], "n": int(count.at[g, m])} for m in metrics},
-            }
-            for g in groups
-        },
-    }
-    return out
 
 
 def _scalar(x):

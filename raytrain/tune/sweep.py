@@ -8,9 +8,9 @@ A space file is data:
     grid: {loss.order: [0, 1, 2], seed: [0, 1, 2]}   # dotted keys (and `variant`); the cross product
     group: loss.order          # the report's rows
     metrics: [mean_r@1, ...]   # the report's columns
-    primary: mean_r@1          # the metric the rows are compared on, `mode` max or min is better,
-    baseline: 1                # against this row, paired by seed (raytrain.stats.compare_groups),
-    min_effect: 0.01           # counting a difference only from this size up
+    primary: mean_r@1          # the metric the rows are compared on; mode: max (higher is better) or min
+    baseline: 1                # every other row is compared with this one, paired by seed
+    min_effect: 0.01           # the smallest difference of `primary` that counts (raytrain.stats)
 
 Every trial's config is validated before anything starts.
 """
