@@ -119,7 +119,7 @@ def write_report(
             _plot(mean, std, missing, group, metrics, labels, title),
         )
     ]
-    if comparisons:
+    if len(groups) > 1 and comparisons:
         plots.append(
             (
                 f"delta_vs_{_safe(baseline)}.png",
@@ -151,8 +151,8 @@ def write_report(
             "Cells are mean ± std (ddof=1; a single value has none) over the group's finished trials that "
             "reported the metric; n: its finished and evaluated trials ((n=k) in a cell: k trials reported "
             "that metric); "
-            "not evaluated: the group's finished trials have no evaluation metrics; n/a: they did not "
-            "report that metric.",
+            "not evaluated: the group's finished trials were not evaluated and did not report the metric; "
+            "n/a: its evaluated trials did not report it.",
         ),
         ("table", *_summary_table(mean, std, count, n, missing, group, metrics, labels)),
     ]
@@ -161,6 +161,9 @@ def write_report(
             ("h2", f"Compared with {group} {labels[baseline]}"),
             ("p", _method_sentence(ok, group, labels, baseline, primary, mode, min_effect)),
             ("p", f"**Verdict on `{primary}`:** " + _verdict(comparisons[primary], ok, primary, outcome)),
+        ]
+    if len(groups) > 1 and comparisons:
+        blocks += [
             (
                 "table",
                 *_paired_table(comparisons[primary], primary, labels, count, missing, baseline, min_effect, mode),
@@ -173,7 +176,7 @@ def write_report(
             ),
             ("table", *_delta_table(comparisons, group, metrics, labels, count, missing, baseline)),
         ]
-    else:
+    if not comparisons:
         blocks.append(("p", _no_baseline_sentence(group)))
     blocks += [("h2", "Failed, unfinished and unevaluated trials"), *_failed_section(trials, outcome, group)]
     blocks += [("h2", "Plots")]
@@ -382,7 +385,7 @@ def _counts_sentence(outcome) -> str:
         parts.append(f"{c[FAILED]} failed")
     if c.get(UNFINISHED, 0):
         parts.append(f"{c[UNFINISHED]} unfinished (not ended when the sweep's state was last saved)")
-    return f"{total} trial{'s' * (total != 1)}: " + ", ".join(parts) + "."
+    return f"{_count(total, 'trial')}: " + ", ".join(parts) + "."
 
 
 def _measured(trials, ok) -> tuple[list[str], dict]:
@@ -413,7 +416,7 @@ def _measured(trials, ok) -> tuple[list[str], dict]:
         elif all(v.sum() == 0 for v in counts.values()):
             out.append(
                 f"No training row was skipped ({' or '.join(SKIPS[c] for c in reasons)}) "
-                f"in the {len(ok)} finished trials."
+                f"in the {_count(len(ok), 'finished trial')}."
             )
         else:
             listed = ", ".join(f"{int(counts[c].sum())} with {SKIPS[c]}" for c in reasons)
@@ -564,6 +567,11 @@ def _failed_section(trials, outcome, group):
             )
         rows.append([t["trial_id"], t[group], t["seed"], outcome[i], why])
     return [("table", ["trial_id", group, "seed", "outcome", "error"], rows)]
+
+
+def _count(k: int, noun: str) -> str:
+    """'1 trial', '3 trials'."""
+    return f"{k} {noun}{'s' * (k != 1)}"
 
 
 def _scalar(x):

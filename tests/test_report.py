@@ -255,6 +255,7 @@ def test_no_eval_dir_says_not_evaluated(tmp_path):
     )
     assert _row(md, "1 (RankCLIP)") == ["1 (RankCLIP)", "not evaluated", "not evaluated", "2.500 (n=1)", "0"]
     assert "**Verdict on `zs_top1`:** none: no trial was evaluated, so nothing is compared." in md
+    assert "| vs 1 (RankCLIP) |" not in md and "delta_vs" not in md  # no empty tables or plot: one row only
     listed = md.split("## Failed, unfinished and unevaluated trials")[1].split("##")[0]
     assert _row(listed, "t10") == ["t10", "1", "0", "finished, not evaluated", "(finished; no evaluation metrics)"]
     assert md.lower().count("failed") == 1 and "## Failed, unfinished" in md  # the heading alone
