@@ -163,6 +163,7 @@ def write_report(
             ("p", f"**Verdict on `{primary}`:** " + _verdict(comparisons[primary], ok, primary, outcome)),
         ]
     if len(groups) > 1 and comparisons:
+        unbounded = any(math.isinf(r["ci"][0]) for c in comparisons.values() for r in c["pairs"].values())
         blocks += [
             (
                 "table",
@@ -172,7 +173,12 @@ def write_report(
                 "p",
                 "Every metric, paired with the same seeds: mean difference ± the half-width of its 95 % "
                 f"interval; * Holm p < {ALPHA:g} (Holm corrects within a metric, over the {group}s, not "
-                "across metrics: the columns other than the primary are for reading, not for verdicts).",
+                "across metrics: the columns other than the primary are for reading, not for verdicts)."
+                + (
+                    " ± inf: the differences were equal on every seed, which so few seeds cannot bound."
+                    if unbounded
+                    else ""
+                ),
             ),
             ("table", *_delta_table(comparisons, group, metrics, labels, count, missing, baseline)),
         ]
@@ -569,6 +575,10 @@ def _failed_section(trials, outcome, group):
     return [("table", ["trial_id", group, "seed", "outcome", "error"], rows)]
 
 
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else float("nan")
+
+
 def _count(k: int, noun: str) -> str:
     """'1 trial', '3 trials'."""
     return f"{k} {noun}{'s' * (k != 1)}"
@@ -667,7 +677,8 @@ def _delta_plot(comparisons, metrics, labels, baseline, title):
         pairs = [comparisons[m]["pairs"][g] for g in others]
         delta = [r["diff"] for r in pairs]
         # asymmetric form, so a CI that is not centred would still be drawn as it is
-        err = [[r["diff"] - r["ci"][0] for r in pairs], [r["ci"][1] - r["diff"] for r in pairs]]
+        # (no bar where the CI is unbounded: equal differences at too few seeds, raytrain.stats.paired)
+        err = [[_finite(r["diff"] - r["ci"][0]) for r in pairs], [_finite(r["ci"][1] - r["diff"]) for r in pairs]]
         # sign colours, not good/bad ones: for some metrics (loss, gap) lower is better
         colors = ["tab:blue" if d >= 0 else "tab:orange" for d in delta]
         ax.barh(ys, delta, xerr=err, capsize=3, color=colors, alpha=0.8)

@@ -16,6 +16,8 @@ n = 6), and a bootstrap of 3 values has 10 distinct resamples (its interval is f
 narrow). Normality of a seed-to-seed difference of metrics averaged over hundreds of
 evaluation items is a mild assumption; with 3 seeds the test has little power, which is
 the point: the report then says "no difference beyond noise" rather than naming a winner.
+Where the differences are all equal the normal model does not hold, and `paired` falls
+back to the sign-flip test.
 
 The groups' p-values are Holm-corrected (step-down, family-wise error ≤ α over the groups
 compared with the baseline): with the m tested p's sorted, p_(1) ≤ … ≤ p_(m),
@@ -37,10 +39,14 @@ def paired(a: dict, b: dict, alpha: float = 0.05) -> dict[str, Any]:
     """Paired t-test of a − b over the keys (seeds) both have with finite values:
     {"n", "diff", "ci": [low, high] at level 1 − alpha, "p"} (two-sided).
 
-    n < 2: no test (diff is the one difference or NaN; ci and p NaN). All differences
-    equal (std 0): t is ±∞ when they are not 0 (p = 0, ci = [diff, diff]) and 0/0 when they
-    are (p = 1, ci = [0, 0]); a real sweep gets this from metrics that are equal across
-    seeds, and `min_effect` is what keeps such a difference from being called meaningful."""
+    n < 2: no test (diff is the one difference or NaN; ci and p NaN).
+
+    All differences equal (std 0, e.g. R@1 over 64 queries moving by exactly one query on
+    every seed, or a metric that does not depend on the seed): the t statistic is ±∞ or 0/0,
+    a value the t-test's normal model cannot produce, so the exact sign-flip test is used
+    instead: all n signs agree, p = 2/2ⁿ (1 when the differences are 0). Its interval (the
+    shifts it does not reject) is [diff, diff] when 2/2ⁿ < alpha (n ≥ 6 at 0.05) and
+    unbounded, [−∞, +∞], below that: a few equal differences do not bound the effect."""
     seeds = [s for s in a if s in b and math.isfinite(a[s]) and math.isfinite(b[s])]
     d = [float(a[s]) - float(b[s]) for s in seeds]
     n = len(d)
@@ -50,7 +56,9 @@ def paired(a: dict, b: dict, alpha: float = 0.05) -> dict[str, Any]:
     diff = sum(d) / n
     sd = math.sqrt(sum((x - diff) ** 2 for x in d) / (n - 1))
     if sd <= 1e-12 * max(1.0, abs(diff)):  # equal differences, up to float rounding
-        return {"n": n, "diff": diff, "ci": [diff, diff], "p": 1.0 if diff == 0 else 0.0}
+        flip = 2.0 ** (1 - n)  # two of the 2ⁿ sign patterns are as extreme: all + and all −
+        ci = [diff, diff] if flip < alpha else [-math.inf, math.inf]
+        return {"n": n, "diff": diff, "ci": ci, "p": 1.0 if abs(diff) <= 1e-12 else flip}
     se = sd / math.sqrt(n)
     half = float(stats.t.ppf(1 - alpha / 2, n - 1)) * se
     p = float(2 * stats.t.sf(abs(diff) / se, n - 1))

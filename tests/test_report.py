@@ -231,8 +231,9 @@ def test_flat_sweep_names_no_best(tmp_path):
     section = md.split("## Compared with")[1]
     assert [_row(section, g)[-1] for g in ("0 (CLIP)", "2", "3")] == ["no difference beyond noise"] * 3
     assert _row(section, "3")[4:6] == ["0.67", "1"]
-    # retr_r1 equal per seed: zero-variance differences of 0, p = 1
-    assert _row(md.split("Every metric")[1], "2") == ["2", "+0.001 ± 0.019", "+0.000 ± 0.000"]
+    # retr_r1 equal per seed: differences 0 on every seed, sign-flip p = 1, no bound at 3 seeds
+    assert _row(md.split("Every metric")[1], "2") == ["2", "+0.001 ± 0.019", "+0.000 ± inf"]
+    assert "± inf: the differences were equal on every seed, which so few seeds cannot bound." in md
 
 
 def test_no_eval_dir_says_not_evaluated(tmp_path):

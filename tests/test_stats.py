@@ -128,21 +128,27 @@ def test_missing_seeds_are_left_out_of_the_pairing():
 
 
 def test_zero_variance_difference():
+    """Equal differences: the exact sign-flip test, p = 2/2ⁿ, CI unbounded until that is below alpha."""
     out = compare_groups({0: BASE, 1: shifted([0.02, 0.02, 0.02]), 2: dict(BASE)}, 0, min_effect=0.01)
     same, equal = out["pairs"][1], out["pairs"][2]
-    assert same["p"] == 0.0 and same["ci"] == pytest.approx([0.02, 0.02])
-    assert equal["p"] == 1.0 and equal["ci"] == [0.0, 0.0] and equal["diff"] == 0.0
-    assert out["best"] == 1
-    assert paired({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0}) == {"n": 2, "diff": 0.0, "ci": [0.0, 0.0], "p": 1.0}
+    assert same["diff"] == pytest.approx(0.02) and same["p"] == 0.25 and same["ci"] == [-math.inf, math.inf]
+    assert equal["p"] == 1.0 and equal["ci"] == [-math.inf, math.inf] and equal["diff"] == 0.0
+    assert same["p_holm"] == 0.5 and out["best"] is None  # 3 seeds cannot show it
+    assert "group 1, +0.020, 95 % CI -inf…+inf, Holm p = 0.5, 3 seeds" in out["verdict"]
+    six = {s: 0.5 + s / 10 for s in range(6)}
+    out = compare_groups({0: six, 1: {s: v + 0.02 for s, v in six.items()}}, 0, min_effect=0.01)
+    r = out["pairs"][1]
+    assert r["p"] == 2 / 64 and r["ci"] == pytest.approx([0.02, 0.02]) and out["best"] == 1
+    assert paired({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0}) == {"n": 2, "diff": 0.0, "ci": [-math.inf, math.inf], "p": 1.0}
 
 
 def test_best_among_several_only_when_it_beats_them_too():
-    far = shifted([0.10, 0.11, 0.09])
+    far = shifted([0.10, 0.12, 0.09])
     near = shifted([0.05, 0.06, 0.04])
     out = compare_groups({0: BASE, "far": far, "near": near}, 0)
-    assert out["better"] == ["far", "near"] and out["best"] == "far"  # far − near = 0.05 each seed
+    assert out["better"] == ["far", "near"] and out["best"] == "far"  # far − near = 0.05, 0.06, 0.05: p = 0.0039
     assert "group near (+0.050" in out["verdict"] and "also beat group 0 beyond noise, by less" in out["verdict"]
-    twin = shifted([0.11, 0.10, 0.09])  # as good as far: far − twin = −0.01, 0.01, 0
+    twin = shifted([0.11, 0.11, 0.10])  # as good as far: far − twin = −0.01, 0.01, −0.01
     out = compare_groups({0: BASE, "far": far, "twin": twin}, 0)
     assert set(out["better"]) == {"far", "twin"} and out["best"] is None
     assert "none of them is better than the others beyond noise" in out["verdict"]
