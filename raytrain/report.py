@@ -453,7 +453,8 @@ def _method_sentence(ok, group, labels, baseline, primary, mode, min_effect) -> 
     text = (
         f"Each {group} is compared with {group} {labels[baseline]}, paired by seed (trials of one seed share "
         "the initialisation and the data order): the mean of the per-seed differences, its 95 % paired-t "
-        f"interval and a paired t-test, Holm-corrected over the {group}s compared. `{primary}` is "
+        "interval and a paired t-test (the exact sign-flip test where the differences are equal on every "
+        f"seed), Holm-corrected over the {group}s compared. `{primary}` is "
         f"{'higher' if mode == 'max' else 'lower'}-is-better (mode {mode}); a difference counts when it is "
         f"beyond noise (Holm p < {ALPHA:g}) and at least the declared minimum effect {min_effect:g}."
     )
