@@ -284,14 +284,18 @@ KEYS = {
     "gap",
     "separability",
     "mean_r@1",
+    "retrieval_images",
+    "retrieval_captions",
 }
+COUNTS = {"retrieval_images", "retrieval_captions"}
 
 
 def test_suite_all_keys(tmp_path):
     m = evaluate(encode_images, encode_texts, _eval_dir(tmp_path))
     assert set(m) == KEYS
-    assert all(type(v) is float and math.isfinite(v) for v in m.values())
-    assert all(0.0 <= v <= 1.0 for k, v in m.items() if k != "gap")
+    assert all(type(v) is float and math.isfinite(v) for k, v in m.items() if k not in COUNTS)
+    assert all(0.0 <= v <= 1.0 for k, v in m.items() if k not in {"gap", *COUNTS})
+    assert m["retrieval_images"] == m["retrieval_captions"] == len(COLOURS)
     # colour is all these encoders see, and every image has its own colour
     for k in ("i2t_r@1", "t2i_r@1", "mean_r@1", "zs_top1", "binding", "ood_zs_top1", "ood_binding"):
         assert m[k] == 1.0, k
@@ -314,6 +318,26 @@ def test_suite_partial_dir_and_multi_caption(tmp_path):
 
     m = evaluate(spy, encode_texts, tmp_path)
     assert len(seen) == 2  # each distinct image encoded once
-    assert set(m) == {k for k in KEYS if k.startswith(("i2t", "t2i", "mean"))} | {"gap", "separability"}
+    assert set(m) == {k for k in KEYS if k.startswith(("i2t", "t2i", "mean"))} | {"gap", "separability", *COUNTS}
     assert m["i2t_r@1"] == m["t2i_r@1"] == m["i2t_map"] == m["t2i_map"] == 1.0
+    assert (m["retrieval_images"], m["retrieval_captions"]) == (2, 3)
     assert evaluate(encode_images, encode_texts, tmp_path / "missing") == {}
+
+
+def test_suite_caption_shared_by_several_images(tmp_path):
+    """Four images (two red, two blue, distinct ids) and two caption texts, each given to two
+    images. Scored per copy, identical embeddings tie and the index tie-break fails one copy of
+    each (R@1 0.5 both ways); as one caption whose matches are both its images, every query is
+    found at 1. The ood split's repeated caption is merged the same way."""
+    imgs = [_png(COLOURS[c]) for c in ("red", "red", "blue", "blue")]
+    caps = ["a red square", "a red square", "a blue square", "a blue square"]
+    _write(tmp_path / "retrieval.parquet", id=[0, 1, 2, 3], image=imgs, caption=caps)
+    _write(tmp_path / "ood.parquet", id=[0, 1, 2, 3], image=imgs, caption=caps, negative=caps[::-1], label=[0] * 4)
+    m = evaluate(encode_images, encode_texts, tmp_path)
+    assert (m["retrieval_images"], m["retrieval_captions"]) == (4, 2)
+    assert m["i2t_r@1"] == m["t2i_r@1"] == m["i2t_map"] == m["t2i_map"] == m["mean_r@1"] == 1.0
+    assert m["ood_i2t_r@1"] == m["ood_t2i_r@1"] == 1.0
+    # the same rows scored per copy: what the suite did before
+    with torch.no_grad():
+        img, txt = F.normalize(encode_images(imgs), dim=-1), F.normalize(encode_texts(caps), dim=-1)
+    assert retrieval_metrics(img @ txt.T, ks=(1,))["r@1"] == retrieval_metrics(txt @ img.T, ks=(1,))["r@1"] == 0.5

@@ -239,7 +239,10 @@ def group_captions(ids: list, captions: list) -> tuple[list[int], list[str], lis
 
 
 def embedded_retrieval(eval_dir) -> Retrieval | None:
-    """The embedded retrieval split (PNG bytes, captions grouped by id), None if absent."""
+    """The embedded retrieval split (PNG bytes, captions grouped by id), None if absent.
+    Rows with different ids are different images even when their captions are the same
+    text; the suite (`raytrain.eval.suite.retrieval`) scores such a text once, with all
+    its images as matches."""
     if (t := read_split(eval_dir, "retrieval")) is None:
         return None
     rows, texts, owner = group_captions(t["id"], t["caption"])

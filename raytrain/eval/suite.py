@@ -41,14 +41,28 @@ def _encode(
     return F.normalize(torch.cat(out), dim=-1)
 
 
-def _retrieval(
-    img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor, prefix: str, ks=(1, 5, 10)
-) -> dict[str, float]:
-    """Both directions; positives only when some image has more than one caption."""
+def _match(
+    captions: Sequence[str], owner: Sequence[int], n_images: int
+) -> tuple[list[str], torch.Tensor, torch.Tensor]:
+    """(distinct caption texts in first-seen order, each caption row's index among them,
+    positives [n_images, texts]): image i and text t match when some row gives image i the
+    caption t. Identical texts embed identically, so scoring each copy against its own image
+    alone would fail all copies but one by the tie-break; as one caption whose matches are
+    all its images, each is scored once (a split of 200 images with 40 captions has 40)."""
+    index: dict[str, int] = {}
+    row_text = torch.as_tensor([index.setdefault(c, len(index)) for c in captions], dtype=torch.long)
+    pos = torch.zeros(n_images, len(index), dtype=torch.bool)
+    pos[torch.as_tensor(owner, dtype=torch.long), row_text] = True
+    return list(index), row_text, pos
+
+
+def _retrieval(img: torch.Tensor, txt: torch.Tensor, pos: torch.Tensor, prefix: str, ks=(1, 5, 10)) -> dict[str, float]:
+    """Both directions: image queries over the texts (found when any of its captions is in
+    the top K), text queries over the images (found when any image it captions is);
+    `pos[i, t]`: text t is a caption of image i (`_match`)."""
     sim = img @ txt.T
-    pos = None
-    if not torch.equal(owner, torch.arange(len(img))):
-        pos = owner[None, :] == torch.arange(len(img))[:, None]
+    if pos.shape[0] == pos.shape[1] and torch.equal(pos, torch.eye(len(pos), dtype=torch.bool)):
+        pos = None  # one caption per image, in order: retrieval_metrics' diagonal
     i2t = retrieval_metrics(sim, ks, positives=pos)
     t2i = retrieval_metrics(sim.T, ks, positives=None if pos is None else pos.T)
     return {**{f"{prefix}i2t_{k}": v for k, v in i2t.items()}, **{f"{prefix}t2i_{k}": v for k, v in t2i.items()}}
@@ -58,15 +72,21 @@ def _retrieval(
 def retrieval(
     encode_images, encode_texts, data: Retrieval, batch_size: int = _CHUNK, ks=(1, 5, 10), desc: str | None = None
 ) -> tuple[dict[str, float], torch.Tensor, torch.Tensor]:
-    """(metrics, image embeddings, caption embeddings) of image↔text retrieval.
+    """(metrics, image embeddings, caption embeddings, one per caption row) of image↔text retrieval.
 
-    Keys i2t_r@K, i2t_map (image queries over all captions) and t2i_r@K, t2i_map (caption
-    queries over all images); an image query is found at K when any of its captions is in
-    the top K (retrieval_metrics' positives), a caption query when its own image is.
+    Keys i2t_r@K, i2t_map (image queries over the distinct caption texts) and t2i_r@K,
+    t2i_map (each distinct caption text a query over all images); an image query is found
+    at K when any of its captions is in the top K, a caption query when any image it
+    captions is (`_match`: a text several images share is one caption with several
+    matches). retrieval_images, retrieval_captions: how many images and distinct caption
+    texts were scored (ints).
     """
+    texts, row_text, pos = _match(data.captions, data.owner, len(data.images))
     img = _encode(encode_images, data.images, batch_size, desc and f"{desc}: images")
-    txt = _encode(encode_texts, data.captions, batch_size, desc and f"{desc}: captions")
-    return _retrieval(img, txt, torch.as_tensor(data.owner), "", ks), img, txt
+    txt = _encode(encode_texts, texts, batch_size, desc and f"{desc}: captions")
+    metrics = _retrieval(img, txt, pos, "", ks)
+    metrics.update(retrieval_images=len(img), retrieval_captions=len(texts))
+    return metrics, img, txt[row_text.to(txt.device)]
 
 
 @torch.no_grad()
@@ -108,7 +128,8 @@ def evaluate(
 
     encode_images: list of PNG bytes -> [n, d]; encode_texts: list of str -> [n, d]
     (outputs are L2-normalized here). Splits whose file is missing are skipped.
-    Keys: i2t_/t2i_ r@1, r@5, r@10, map, gap, separability (retrieval.parquet);
+    Keys: i2t_/t2i_ r@1, r@5, r@10, map, gap, separability, retrieval_images,
+    retrieval_captions (retrieval.parquet; `retrieval`);
     zs_top1, zs_top5 (zeroshot.parquet, classes with the file's templates);
     binding (binding.parquet); ood_i2t_r@1, ood_t2i_r@1, ood_zs_top1 (over ood_classes),
     ood_binding (ood.parquet); mean_r@1 = (i2t_r@1 + t2i_r@1) / 2, the headline metric.
@@ -137,8 +158,10 @@ def evaluate(
         )
 
     if (t := read_split(eval_dir, "ood")) is not None:
-        img, pos = _encode(encode_images, t["image"]), _encode(encode_texts, t["caption"])
-        r = _retrieval(img, pos, torch.arange(len(img)), "ood_")
+        texts, row_text, match = _match(t["caption"], range(len(t["image"])), len(t["image"]))
+        img, txt = _encode(encode_images, t["image"]), _encode(encode_texts, texts)
+        pos = txt[row_text.to(txt.device)]  # each row's own caption
+        r = _retrieval(img, txt, match, "ood_")
         out.update({"ood_i2t_r@1": r["ood_i2t_r@1"], "ood_t2i_r@1": r["ood_t2i_r@1"]})
         if meta.get("ood_classes"):
             cls = class_embeddings(encode_texts, meta["ood_classes"], templates)

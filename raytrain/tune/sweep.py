@@ -7,7 +7,10 @@ A space file is data:
     variants: {full: {}, no_gate: {fusion.gate: false}}   # optional: named override sets
     grid: {loss.order: [0, 1, 2], seed: [0, 1, 2]}   # dotted keys (and `variant`); the cross product
     group: loss.order          # the report's rows
-    metrics: [mean_r@1, ...]   # the report's columns; `primary` picks the best row
+    metrics: [mean_r@1, ...]   # the report's columns
+    primary: mean_r@1          # the metric the rows are compared on; mode: max (higher is better) or min
+    baseline: 1                # every other row is compared with this one, paired by seed
+    min_effect: 0.01           # the smallest difference of `primary` that counts (raytrain.stats)
 
 Every trial's config is validated before anything starts.
 """
@@ -42,9 +45,12 @@ class Space(BaseModel):
     group: str
     group_labels: dict[Any, str] = {}
     metrics: list[str] = Field(min_length=1)
-    primary: str
-    mode: Literal["max", "min"] = "max"
-    baseline: Any = None
+    primary: str  # the metric the report's verdict compares the rows on
+    mode: Literal["max", "min"] = "max"  # whether a higher or a lower `primary` is better
+    baseline: Any = None  # the row every other row is compared with, paired by seed
+    # the smallest difference of `primary` from the baseline that counts as an effect, however
+    # significant (a space file says why that size)
+    min_effect: float = Field(0.0, ge=0)
 
 
 def load_space(
@@ -310,53 +316,84 @@ def report_experiment(exp: str, out_dir: str | None = None) -> Path:
 
 
 def trial_table(grid, space: Space, base_seed: int) -> pd.DataFrame:
-    """One row per trial: id, status, error, seed, grid params, final metrics."""
+    """One row per trial: id, Tune's status, error, the trial's own seed, whether it was
+    evaluated, grid params, final metrics, step time, skipped rows (in all and per reason) and
+    the retrieval split's distinct images and captions."""
+    status_of = trial_status(grid.experiment_path, grid.filesystem)
     rows = []
-    # Tune's own trial status (the experiment state's): TERMINATED when the trainable returned;
-    # PENDING/RUNNING when the sweep stopped first. Result has no public status, and the last
-    # result's `done` flag is not reliable (a Ray Train trial's final report may lack it).
-    status_of = {t.path: t.status for t in grid._experiment_analysis.trials}
     for result in grid:
         params = {k: result.config.get(k) for k in space.grid}
         metrics = result.metrics or {}
-        status = (
-            "ERROR" if result.error else "TERMINATED" if status_of.get(result.path) == "TERMINATED" else "UNFINISHED"
-        )
+        name = Path(result.path).name
+        status = "ERROR" if result.error else "TERMINATED" if status_of.get(name) == "TERMINATED" else "UNFINISHED"
         rows.append(
             {
-                "trial_id": Path(result.path).name,
+                "trial_id": name,
                 "status": status,
                 "error": error_summary(result.error) if result.error else None,
-                "seed": base_seed,
-                **{k.split(".")[-1]: v for k, v in params.items()},
+                "seed": trial_seed(params, space.variants, base_seed),
+                # the train loop times its evaluation: eval_s is there exactly when evaluation ran
+                "evaluated": "eval_s" in metrics,
+                **{_column(k, space.grid): v for k, v in params.items()},
                 **{m: float(metrics.get(m, float("nan"))) for m in space.metrics},
                 "step_time": float(metrics.get("step_time", float("nan"))),
-                "skipped_rows": metrics.get("skipped_rows"),
+                **{k: metrics.get(k) for k in TRIAL_FACTS},
             }
         )
     return pd.DataFrame(rows)
 
 
+# per trial, beside the space's metrics: rows skipped in training (raytrain.train.loop), the
+# retrieval split's distinct images and captions (raytrain.eval.suite)
+TRIAL_FACTS = ("skipped_rows", "skipped_bad_image", "skipped_empty_caption", "retrieval_images", "retrieval_captions")
+RESERVED = ("trial_id", "status", "error", "seed", "evaluated", "step_time", *TRIAL_FACTS)
+
+
+def _column(key: str, grid: dict) -> str:
+    """A grid key's trials.csv column: its last part (`loss.order` → order) unless that is
+    taken by another key or a column of the table (`data.seed` stays `data.seed`)."""
+    short = key.split(".")[-1]
+    clash = short in RESERVED or any(k != key and k.split(".")[-1] == short for k in grid)
+    return key if clash and key != short else short
+
+
+def trial_seed(params: dict[str, Any], variants: dict[str, dict[str, Any]], base_seed: int) -> int:
+    """The trial's own seed, as trial_overrides resolves it: the grid's `seed`, else its
+    variant's, else the base config's."""
+    if "seed" in params:
+        return params["seed"]
+    return variants.get(params.get("variant"), {}).get("seed", base_seed)
+
+
+def trial_status(exp: str, fs) -> dict[str, str]:
+    """Tune's status of each trial, by trial directory name, from the experiment's state file
+    (Tune's public ExperimentAnalysis): TERMINATED when the trainable returned, ERROR,
+    PENDING/RUNNING/PAUSED when the sweep stopped first. A Result has no status, and the last
+    result's `done` flag is not reliable (a Ray Train trial's final report may lack it)."""
+    from ray.tune import ExperimentAnalysis
+
+    return {Path(t.path).name: t.status for t in ExperimentAnalysis(exp, storage_filesystem=fs).trials}
+
+
 def write_sweep_report(grid, space: Space, base_seed: int, out_dir: str | None = None) -> Path:
-    """report.md, report.html, plots and trials.csv of a ResultGrid, into the experiment
-    directory unless `out_dir`: what `run_sweep` ends with and `raytrain report` rebuilds."""
+    """report.md, report.html, summary.json, plots and trials.csv of a ResultGrid, into the
+    experiment directory unless `out_dir`: what `run_sweep` ends with and `raytrain report`
+    rebuilds."""
     from raytrain.report import write_report
 
     exp = Path(grid.experiment_path)
     table = trial_table(grid, space, base_seed)
     curves = {Path(r.path).name: r.metrics_dataframe for r in grid if r.metrics_dataframe is not None}
-    group = space.group.split(".")[-1]
+    group = _column(space.group, space.grid)
     notes = [
         f"Experiment directory: `{exp}` (resume with `--resume {exp}`; "
         f"rebuild this report with `raytrain report {exp}`).",
         f"TensorBoard: `tensorboard --logdir {exp}` (one run per trial, written by Tune).",
-        f"Mean per-step time over trials: {table['step_time'].mean():.3f} s; "
-        "rows skipped (bad image or empty caption) per trial: "
-        + ", ".join(str(x) for x in table["skipped_rows"].tolist()),
+        f"Mean per-step time over trials: {table['step_time'].mean():.3f} s.",
     ]
     baseline = space.baseline
     if baseline is not None and baseline not in set(table[group]):  # e.g. grid.variant=[cyclip] on the command line
-        notes.append(f"No deltas: the baseline row {baseline!r} is not in this sweep's grid.")
+        notes.append(f"No comparison: the baseline row {baseline!r} is not in this sweep's grid.")
         baseline = None
     return write_report(
         table,
@@ -368,6 +405,8 @@ def write_sweep_report(grid, space: Space, base_seed: int, out_dir: str | None =
         group_label={_key(k): v for k, v in space.group_labels.items()},
         notes=notes,
         baseline=baseline,
+        mode=space.mode,
+        min_effect=space.min_effect,
         curves=curves,
         curve_metrics=CURVES,
     )
