@@ -438,30 +438,40 @@ class EvalTaskConfig(Section):
     `kind`; its results are <out>/<name>.json."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # also a file name
-    kind: Literal["retrieval", "zeroshot"]
-    format: Literal["embedded", "karpathy", "imagefolder", "cifar10", "cifar100"] = "embedded"
+    # segmentation: zero-shot, each patch embedding against each class prompt (mIoU)
+    kind: Literal["retrieval", "zeroshot", "segmentation"]
+    format: Literal["embedded", "karpathy", "imagefolder", "cifar10", "cifar100", "voc"] = "embedded"
     # local. embedded: a directory of evaluation splits (None = the model's own); karpathy: the
-    # image root; imagefolder: root/<class folder>/*; cifar10/100: the extracted python directory
+    # image root; imagefolder: root/<class folder>/*; cifar10/100: the extracted python directory;
+    # voc: Pascal VOC's layout (JPEGImages/, SegmentationClass/, ImageSets/Segmentation/val.txt)
     path: str | None = None
     annotations: str | None = None  # karpathy caption JSON; None = dataset_coco.json / dataset_flickr30k.json in path
-    classnames: str | None = None  # imagefolder: .json {folder: name} / [names], or .txt; None = folder names
-    # zeroshot prompts: the format's standard ensemble (ImageNet's 80 for imagefolder, CIFAR's
-    # 18, the embedded classes.json's own) or "single": "This is a photo of a {}"
+    # imagefolder: .json {folder: name} / [names], or .txt; None = folder names. voc: .json [names]
+    # or .txt, one per label in order; None = VOC's 21 classes
+    classnames: str | None = None
+    # zeroshot and segmentation prompts: the format's standard ensemble (ImageNet's 80 for
+    # imagefolder and voc, CIFAR's 18, the embedded split's own) or "single": "This is a photo of a {}"
     templates: Literal["ensemble", "single"] = "ensemble"
     batch_size: int = Field(256, ge=1)
 
     @model_validator(mode="after")
     def _consistent(self):
-        only = {"karpathy": "retrieval", "imagefolder": "zeroshot", "cifar10": "zeroshot", "cifar100": "zeroshot"}
+        only = {
+            "karpathy": "retrieval",
+            "imagefolder": "zeroshot",
+            "cifar10": "zeroshot",
+            "cifar100": "zeroshot",
+            "voc": "segmentation",
+        }
         if self.format != "embedded" and self.path is None:
             raise ValueError(f"task {self.name!r}: format {self.format} needs a path")
         if only.get(self.format, self.kind) != self.kind:
             raise ValueError(
                 f"task {self.name!r}: format {self.format} is a {only[self.format]} dataset, not {self.kind}"
             )
-        for key, fmt in (("annotations", "karpathy"), ("classnames", "imagefolder")):
-            if getattr(self, key) is not None and self.format != fmt:
-                raise ValueError(f"task {self.name!r}: {key} is read only for format {fmt}")
+        for key, formats in (("annotations", ("karpathy",)), ("classnames", ("imagefolder", "voc"))):
+            if getattr(self, key) is not None and self.format not in formats:
+                raise ValueError(f"task {self.name!r}: {key} is read only for format {' and '.join(formats)}")
         return self
 
 

@@ -5,6 +5,7 @@ import json
 import threading
 from collections import Counter
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -50,6 +51,7 @@ EXPECTED = {
         ("negative", pa.string()),
     ],
     "eval/ood.parquet": SCENE + [("negative", pa.string()), ("label", pa.int32())],
+    "eval/segmentation.parquet": [("id", pa.string()), ("image", pa.binary()), ("mask", pa.binary())],
 }
 
 
@@ -76,6 +78,8 @@ def test_layout_schemas_and_counts(ds):
         "classes.json",
         "ood.parquet",
         "retrieval.parquet",
+        "segmentation.json",
+        "segmentation.parquet",
         "zeroshot.parquet",
     ]
     for rel, fields in EXPECTED.items():
@@ -83,7 +87,7 @@ def test_layout_schemas_and_counts(ds):
         assert [(f.name, f.type) for f in schema] == fields, rel
         assert schema.metadata is None or b"pandas" not in schema.metadata
     assert manifest == json.loads((out / "manifest.json").read_text())
-    assert manifest["schema_version"] == 1
+    assert manifest["schema_version"] == 2
     assert manifest["params"] == {"n_train": N_TRAIN, "n_eval": N_EVAL, "seed": 3, "image_size": 32}
     assert manifest["counts"] == {
         "train": N_TRAIN,
@@ -92,11 +96,12 @@ def test_layout_schemas_and_counts(ds):
         "zeroshot": N_EVAL,
         "binding": N_EVAL,
         "ood": N_EVAL,
+        "segmentation": N_EVAL,
     }
     assert [pq.read_metadata(out / f"train/part-0000{i}.parquet").num_rows for i in (0, 1)] == [1024, 76]
     train = train_rows(out)
     assert [r["id"] for r in train] == [f"train-{i:07d}" for i in range(N_TRAIN)]
-    for split in ("retrieval", "zeroshot", "binding", "ood"):
+    for split in ("retrieval", "zeroshot", "binding", "ood", "segmentation"):
         assert [r["id"] for r in rows(out, f"eval/{split}.parquet")] == [f"{split}-{i:07d}" for i in range(N_EVAL)]
     assert not list(out.parent.glob("*.tmp-*"))  # temp build dir cleaned up
 
@@ -197,6 +202,57 @@ def test_vocabulary_covers_all_text(ds):
     assert {w for t in texts for w in words(t)} <= set(vocab)
 
 
+def test_segmentation_masks(ds):
+    """Masks are single-channel class indices into segmentation.json's classes (background 0,
+    then the zero-shot classes), the image's size; scenes of 1-3 objects, no held-out class."""
+    out, _ = ds
+    meta = json.loads((out / "eval/segmentation.json").read_text())
+    classes = json.loads((out / "eval/classes.json").read_text())
+    assert meta["classes"] == ["background", *classes["classes"]] and meta["ignore_index"] == 255
+    assert meta["templates"] == classes["templates"]
+    counts = Counter()
+    for r in rows(out, "eval/segmentation.parquet"):
+        mask = Image.open(io.BytesIO(r["mask"]))
+        assert (mask.format, mask.mode, mask.size) == ("PNG", "L", (32, 32))
+        labels = set(np.unique(np.asarray(mask)).tolist())
+        assert 0 in labels and 2 <= len(labels) <= 4 and max(labels) < len(meta["classes"])
+        counts[len(labels) - 1] += 1
+    assert set(counts) == {1, 2, 3}
+
+
+def test_label_map_by_hand():
+    """A solid red square of radius r = 0.25 at the centre of a 16 px image: its inside-test
+    max(|u|, |v|) <= 0.82 spans 8 ± 3.28 px = [4.72, 11.28]; pixels 4 and 11 are covered by
+    1 of 4 supersamples per axis (the minority), so the class fills rows and columns 5..10.
+    A blue circle drawn later covers the square where they overlap."""
+    square = dict(color="red", shape="square", size="large", texture="solid", x=0.5, y=0.5, r=0.25)
+    red = synthetic.SEGMENTATION_CLASSES.index("red square")
+    got = np.asarray(Image.open(io.BytesIO(synthetic._label_map({"objects": [square]}, 16))))
+    want = np.zeros((16, 16), np.uint8)
+    want[5:11, 5:11] = red
+    assert np.array_equal(got, want)
+    circle = dict(color="blue", shape="circle", size="small", texture="striped", x=0.75, y=0.5, r=0.1)
+    got = np.asarray(Image.open(io.BytesIO(synthetic._label_map({"objects": [square, circle]}, 16))))
+    blue = synthetic.SEGMENTATION_CLASSES.index("blue circle")
+    # the circle (12 ± 1.6 px) covers pixels 11 and 12 of row 8 whole, 7 of pixel 10's 16
+    # supersamples (the square the other 9): 10 stays red
+    assert got[8, 11] == got[8, 12] == blue and got[8, 10] == red
+
+
+def test_version_1_files_keep_their_bytes(tmp_path):
+    """Adding the segmentation split (its own random stream) left every file of schema
+    version 1 byte-identical: these hashes were written by the code before it."""
+    files = make_dataset(tmp_path / "ds", 20, 8, seed=0)["files"]
+    assert {k: v["sha256"][:16] for k, v in files.items() if "segmentation" not in k} == {
+        "eval/binding.parquet": "59172d2a77a6a2d6",
+        "eval/classes.json": "c46ccf4cb3196144",
+        "eval/ood.parquet": "e2be84e17cabc73b",
+        "eval/retrieval.parquet": "141ccdd115c5535e",
+        "eval/zeroshot.parquet": "72d0cdec967b99fe",
+        "train/part-00000.parquet": "0a56b542a28293c9",
+    }
+
+
 def test_deterministic_by_seed(tmp_path):
     def files(d):
         return {p.relative_to(d).as_posix(): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
@@ -250,12 +306,16 @@ def test_other_image_size(tmp_path):
     assert Image.open(io.BytesIO(r["image"])).size == (48, 48)
 
 
-def test_ensure_dataset(tmp_path):
+def test_ensure_dataset(tmp_path, monkeypatch):
     d1 = ensure_dataset(tmp_path, 20, 8, seed=0)
     d2 = ensure_dataset(tmp_path, 20, 8, seed=0)
     assert d1 == d2 and d1.parent == tmp_path and d1.name.startswith("synth-")
     assert (d1 / "manifest.json").is_file()
     assert ensure_dataset(tmp_path, 20, 8, seed=1) != d1
+    # a directory written by an older schema (no segmentation split) is not reused: the
+    # version is part of the directory's hash
+    monkeypatch.setattr(synthetic, "SCHEMA_VERSION", 1)
+    assert ensure_dataset(tmp_path, 20, 8, seed=0) != d1
 
 
 def test_lost_race_uses_winner(tmp_path, monkeypatch):

@@ -31,9 +31,14 @@ Splits (all eval splits have n_eval rows):
                         sharing neither colour nor shape, so exactly one OOD class is in the
                         image); half the scenes use the held-out background. Has train's
                         columns plus `negative` (as binding, any swap) and `label`.
+  eval/segmentation     in-distribution scenes (as retrieval) with `mask`: a PNG of class
+                        indices per pixel into segmentation.json "classes" (0 = background,
+                        k = CLASSES[k - 1], the zero-shot split's "colour shape" classes)
 
 Everything is drawn from numpy.random.default_rng([seed, split]) and written with fixed
-PNG/parquet settings, so the same params give byte-identical files.
+PNG/parquet settings, so the same params give byte-identical files. Each split has its own
+stream, so adding a split (segmentation came with SCHEMA_VERSION 2) leaves the others' bytes
+as they were.
 """
 
 from __future__ import annotations
@@ -52,7 +57,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-SCHEMA_VERSION = 1
+# 2: eval/segmentation.parquet + segmentation.json added (every other file as in 1). The
+# version is part of ensure_dataset's directory hash, so a cache written before is not reused.
+SCHEMA_VERSION = 2
 SHARD_ROWS = 1024
 SUPERSAMPLE = 4  # draw at 4x then box-average: cheap antialiasing
 NOISE_STD = 3.0  # pixel noise (0-255 scale)
@@ -90,6 +97,10 @@ HELDOUT_COMBOS = (  # one per colour (+1), every shape at least once
     ("green", "cross"),
 )
 CLASSES = [f"{c} {s}" for c in COLORS for s in SHAPES if (c, s) not in HELDOUT_COMBOS]
+# Segmentation masks: background is a class of its own, the objects are the zero-shot classes
+# (a patch must get colour and shape right together, as the captions name them).
+SEGMENTATION_CLASSES = ["background", *CLASSES]
+IGNORE_INDEX = 255  # the mask value of unlabelled pixels (the embedded masks have none)
 OOD_CLASSES = [f"{c} {s}" for c, s in HELDOUT_COMBOS]
 TRAIN_BACKGROUNDS = [b for b in BACKGROUNDS if b not in HELDOUT_BACKGROUNDS]
 TEMPLATES = [
@@ -149,8 +160,9 @@ SCHEMAS = {
         [("id", pa.string()), ("image", pa.binary()), ("caption", pa.string()), ("negative", pa.string())]
     ),
     "ood": pa.schema(_SCENE + [("negative", pa.string()), ("label", pa.int32())]),
+    "segmentation": pa.schema([("id", pa.string()), ("image", pa.binary()), ("mask", pa.binary())]),
 }
-_SPLIT_SEED = {"train": 0, "retrieval": 1, "zeroshot": 2, "binding": 3, "ood": 4}
+_SPLIT_SEED = {"train": 0, "retrieval": 1, "zeroshot": 2, "binding": 3, "ood": 4, "segmentation": 5}
 
 
 # ---------------------------------------------------------------- scenes and captions
@@ -254,6 +266,40 @@ def _jitter(rng, rgb, amount):
     return np.clip(np.rint(np.asarray(rgb) + rng.uniform(-amount, amount, 3)), 0, 255).astype(np.uint8)
 
 
+def _footprint(o, size):
+    """Where object `o` lies on the supersampled canvas: (box, dx, dy, inside) with `box` the
+    slices of its bounding box (only that is touched: keeps drawing cheap), dx [1, w] and
+    dy [h, 1] the box pixels' offsets from the centre in output-pixel units, and `inside`
+    [h, w] the shape's inside-test."""
+    w = size * SUPERSAMPLE
+    cx, cy, r = o["x"] * size, o["y"] * size, o["r"] * size
+    x0, x1 = max(0, int((cx - r) * SUPERSAMPLE)), min(w, int(np.ceil((cx + r) * SUPERSAMPLE)))
+    y0, y1 = max(0, int((cy - r) * SUPERSAMPLE)), min(w, int(np.ceil((cy + r) * SUPERSAMPLE)))
+    dx = (np.arange(x0, x1) + 0.5)[None, :] / SUPERSAMPLE - cx
+    dy = (np.arange(y0, y1) + 0.5)[:, None] / SUPERSAMPLE - cy
+    return (slice(y0, y1), slice(x0, x1)), dx, dy, _shape_mask(o["shape"], dx / r, dy / r)
+
+
+def _label_map(scene, size):
+    """The class index of every output pixel (SEGMENTATION_CLASSES), as PNG bytes (mode L).
+
+    Objects are painted in drawing order on the supersampled canvas (a later object covers an
+    earlier one, textures included), and each output pixel takes the class that covers most of
+    its SUPERSAMPLE² block (ties: the lower index): the majority vote of the antialiased image's
+    own coverage."""
+    w = size * SUPERSAMPLE
+    canvas = np.zeros((w, w), np.uint8)
+    for o in scene["objects"]:
+        box, _, _, inside = _footprint(o, size)
+        canvas[box][inside] = SEGMENTATION_CLASSES.index(f"{o['color']} {o['shape']}")
+    blocks = canvas.reshape(size, SUPERSAMPLE, size, SUPERSAMPLE).transpose(0, 2, 1, 3).reshape(size, size, -1)
+    present = np.unique(canvas)  # sorted: argmax's first maximum is the lower index
+    votes = np.stack([(blocks == c).sum(-1) for c in present], -1)
+    buf = io.BytesIO()
+    Image.fromarray(present[votes.argmax(-1)], "L").save(buf, format="PNG", compress_level=6)
+    return buf.getvalue()
+
+
 def _render(rng, scene, size):
     w = size * SUPERSAMPLE
     canvas = np.empty((w, w, 3), np.uint8)
@@ -261,20 +307,14 @@ def _render(rng, scene, size):
     period = max(4.0, size / 8)  # texture period in output pixels: stays visible after downsampling
     for o in scene["objects"]:
         colour = _jitter(rng, COLORS[o["color"]], 15)
-        cx, cy, r = o["x"] * size, o["y"] * size, o["r"] * size
-        # Only touch the object's bounding box (in supersampled pixels): keeps drawing cheap.
-        x0, x1 = max(0, int((cx - r) * SUPERSAMPLE)), min(w, int(np.ceil((cx + r) * SUPERSAMPLE)))
-        y0, y1 = max(0, int((cy - r) * SUPERSAMPLE)), min(w, int(np.ceil((cy + r) * SUPERSAMPLE)))
-        dx = (np.arange(x0, x1) + 0.5)[None, :] / SUPERSAMPLE - cx  # output-pixel units
-        dy = (np.arange(y0, y1) + 0.5)[:, None] / SUPERSAMPLE - cy
-        mask = _shape_mask(o["shape"], dx / r, dy / r)
+        box, dx, dy, mask = _footprint(o, size)
         if o["texture"] == "striped":  # diagonal stripes of a darker shade
             dark = np.floor((dx + dy) / (period / 2)) % 2 == 1
         elif o["texture"] == "dotted":
             dark = ((dx % period - period / 2) ** 2 + (dy % period - period / 2) ** 2) <= (0.3 * period) ** 2
         else:
             dark = np.zeros_like(mask)
-        region = canvas[y0:y1, x0:x1]
+        region = canvas[box]
         region[mask & ~dark] = colour
         region[mask & dark] = colour // 5 * 2  # darker shade of the same hue
     # Box-filter downsample (PIL's reduce is C-speed), then mild noise.
@@ -320,10 +360,14 @@ def _rows(split, n, seed, size):
     rng = np.random.default_rng([seed, _SPLIT_SEED[split]])
     combos = [tuple(c.split()) for c in CLASSES]
     for i in range(n):
-        if split in ("train", "retrieval"):
+        if split in ("train", "retrieval", "segmentation"):
             k = int(rng.integers(1, 4))
             picked = [combos[j] for j in rng.choice(len(combos), size=k, replace=False)]
-            yield _scene_row(rng, split, i, _scene(rng, picked, TRAIN_BACKGROUNDS), size)
+            scene = _scene(rng, picked, TRAIN_BACKGROUNDS)
+            if split == "segmentation":
+                yield {"id": f"{split}-{i:07d}", "image": _render(rng, scene, size), "mask": _label_map(scene, size)}
+            else:
+                yield _scene_row(rng, split, i, scene, size)
         elif split == "zeroshot":
             label = int(rng.integers(len(CLASSES)))
             scene = _scene(rng, [combos[label]], TRAIN_BACKGROUNDS)
@@ -375,10 +419,14 @@ def _build(out, params):
     for s in range(n_shards):
         shard = [next(rows) for _ in range(min(SHARD_ROWS, n_train - s * SHARD_ROWS))]
         _write(shard, "train", out / "train" / f"part-{s:05d}.parquet")
-    for split in ("retrieval", "zeroshot", "binding", "ood"):
+    for split in ("retrieval", "zeroshot", "binding", "ood", "segmentation"):
         _write(list(_rows(split, n_eval, seed, size)), split, out / "eval" / f"{split}.parquet")
     (out / "eval" / "classes.json").write_text(
         json.dumps({"classes": CLASSES, "templates": TEMPLATES, "ood_classes": OOD_CLASSES}, indent=2) + "\n"
+    )
+    (out / "eval" / "segmentation.json").write_text(
+        json.dumps({"classes": SEGMENTATION_CLASSES, "templates": TEMPLATES, "ignore_index": IGNORE_INDEX}, indent=2)
+        + "\n"
     )
     files = {}
     for p in sorted(out.rglob("*")):
@@ -395,6 +443,7 @@ def _build(out, params):
             "zeroshot": n_eval,
             "binding": n_eval,
             "ood": n_eval,
+            "segmentation": n_eval,
         },
         "vocabulary": VOCABULARY,
         "files": files,  # sizes and hashes: lets caches fingerprint the exact data

@@ -8,12 +8,14 @@ frozen teachers included, the trained weights load over it, and the method's own
 encode_images/encode_texts are scored, so teacher-injecting and frozen-encoder methods are
 evaluated as they evaluate in training) or an exported student (model.safetensors +
 config.json). Images are preprocessed as training decodes them: resized (bicubic) to the
-model's square image size and normalized with its mean/std.
+model's square image size and normalized with its mean/std. Segmentation tasks score the
+method's own encode_patches (raytrain.eval.segmentation), upsampled to each mask's size.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections.abc import Callable
@@ -35,10 +37,16 @@ from raytrain.eval.datasets import (
     image_folder,
     karpathy,
 )
+from raytrain.eval.segmentation import embedded_segmentation, voc_segmentation, zeroshot_segmentation
 from raytrain.eval.suite import retrieval, zeroshot
 from raytrain.eval.zeroshot import SINGLE
 
-TASK_NAMES = {"retrieval": "zeroshot_retrieval", "zeroshot": "zeroshot_classification"}  # clip_benchmark's
+# clip_benchmark's names (it has no segmentation task: ours follows the pattern)
+TASK_NAMES = {
+    "retrieval": "zeroshot_retrieval",
+    "zeroshot": "zeroshot_classification",
+    "segmentation": "zeroshot_segmentation",
+}
 RECALL_K = (1, 5, 10)
 SUMMARY = "summary.md"
 PATHS = ("path", "annotations", "classnames")  # a task's local files
@@ -54,6 +62,8 @@ class Encoders:
     texts: Callable[[list[str]], torch.Tensor]  # captions or prompts -> [n, d]
     eval_dir: str | None = None  # the embedded evaluation splits it was trained with, if recorded
     data: DataConfig = field(default_factory=DataConfig)  # whose embedded default embedded tasks use otherwise
+    # images -> patch embeddings [n, h, w, d] in texts' space, or None (or None returned): no patch tokens
+    patches: Callable[[list], torch.Tensor | None] | None = None
 
 
 def load_model(path, device: str = "cpu", data: DataConfig | None = None) -> Encoders:
@@ -67,6 +77,7 @@ def load_model(path, device: str = "cpu", data: DataConfig | None = None) -> Enc
         student = export.ExportedStudent.load(path)
         module, prep, tokenizer = student.model.to(device), student.meta["data"], student.tokenizer
         encode_image, encode_text = module.encode_image, lambda tokens, captions: module.encode_text(tokens)
+        encode_patches = module.patch_embeddings
         name, eval_dir, data = "student", None, data or DataConfig()
     elif (path / checkpoint.WEIGHTS).is_file():
         from raytrain.data.pipeline import DataSource
@@ -90,7 +101,7 @@ def load_model(path, device: str = "cpu", data: DataConfig | None = None) -> Enc
             ) from None
         method.to(device).eval()
         prep = {k: getattr(cfg.data, k) for k in ("image_size", "context_length", "mean", "std")}
-        encode_image, encode_text = method.encode_images, method.encode_texts
+        encode_image, encode_text, encode_patches = method.encode_images, method.encode_texts, method.encode_patches
         name, eval_dir, data = cfg.method, src.eval_dir, cfg.data
     else:
         raise FileNotFoundError(
@@ -104,7 +115,10 @@ def load_model(path, device: str = "cpu", data: DataConfig | None = None) -> Enc
     def texts(captions: list[str]) -> torch.Tensor:
         return encode_text(torch.from_numpy(tokenizer(captions, prep["context_length"])).to(device), captions)
 
-    return Encoders(name, str(path), images, texts, eval_dir, data)
+    def patches(items: list) -> torch.Tensor | None:
+        return encode_patches(_pixels(items, prep["image_size"], prep["mean"], prep["std"]).to(device))
+
+    return Encoders(name, str(path), images, texts, eval_dir, data, patches)
 
 
 def run_task(enc: Encoders, task: EvalTaskConfig) -> dict:
@@ -112,7 +126,8 @@ def run_task(enc: Encoders, task: EvalTaskConfig) -> dict:
     metrics, language}. Retrieval metrics image_retrieval_recall@K (caption queries over
     images) and text_retrieval_recall@K (image queries over captions: found when any of the
     image's captions is in the top K); zero-shot acc1, acc5 (None under 5 classes, as
-    clip_benchmark) and mean_per_class_recall."""
+    clip_benchmark) and mean_per_class_recall; segmentation miou and per_class_iou
+    {class name: IoU, None for a class in neither prediction nor masks}."""
     try:
         data = _dataset(task, enc)
         if task.kind == "retrieval":
@@ -121,11 +136,13 @@ def run_task(enc: Encoders, task: EvalTaskConfig) -> dict:
             for k in RECALL_K:
                 metrics[f"image_retrieval_recall@{k}"] = m[f"t2i_r@{k}"]
                 metrics[f"text_retrieval_recall@{k}"] = m[f"i2t_r@{k}"]
-        else:
+        elif task.kind == "zeroshot":
             templates = data.templates if task.templates == "ensemble" else SINGLE
             m = zeroshot(enc.images, enc.texts, data, templates, task.batch_size, desc=task.name)
             top5 = m["top5"] if len(data.classes) >= 5 else None
             metrics = {"acc1": m["top1"], "acc5": top5, "mean_per_class_recall": m["mean_per_class_recall"]}
+        else:
+            metrics = _segment(enc, task, data)
     except DatasetError as e:
         raise DatasetError(f"eval task {task.name!r}: {e}") from None
     return {
@@ -189,9 +206,24 @@ def run_eval(model_path, cfg: Config, out="results/eval", parallel: bool = False
     return uri(fs, summary)
 
 
+def _segment(enc: Encoders, task: EvalTaskConfig, data) -> dict:
+    templates = data.templates if task.templates == "ensemble" else SINGLE
+    m = None
+    if enc.patches is not None:
+        m = zeroshot_segmentation(enc.patches, enc.texts, data, templates, task.batch_size, desc=task.name)
+    if m is None:
+        raise ConfigError(
+            f"eval task {task.name!r}: {enc.model} ({enc.pretrained}) gives no patch embeddings in its image-text "
+            "space (e.g. DINORANKCLIP with fusion.eval_inject: its injection is global), which segmentation scores"
+        )
+    per_class = {c: None if math.isnan(v) else v for c, v in zip(data.classes, m["per_class_iou"])}
+    return {"miou": m["miou"], "per_class_iou": per_class}
+
+
 def summarize(results: list[dict], tasks: list[EvalTaskConfig], seconds: list[float]) -> str:
-    """One Markdown table: a row per task, a column per metric any task reported."""
-    metrics = list(dict.fromkeys(k for r in results for k in r["metrics"]))
+    """One Markdown table: a row per task, a column per number any task reported (per-class
+    IoU stays in the task's JSON)."""
+    metrics = list(dict.fromkeys(k for r in results for k, v in r["metrics"].items() if not isinstance(v, dict)))
     header = ["task", "type", "prompts", *metrics, "seconds"]
     rows = []
     for r, t, s in zip(results, tasks, seconds):
@@ -235,19 +267,33 @@ def _dataset(task: EvalTaskConfig, enc: Encoders):
         return image_folder(task.path, task.classnames)
     if task.format in CIFAR_FILES:
         return cifar(task.path, task.format)
-    eval_dir = task.path or _embedded_dir(enc)
-    data = (embedded_retrieval if task.kind == "retrieval" else embedded_zeroshot)(eval_dir)
+    if task.format == "voc":
+        return voc_segmentation(task.path, task.classnames)
+    eval_dir = task.path or _embedded_dir(enc, task.kind)
+    read = {"retrieval": embedded_retrieval, "zeroshot": embedded_zeroshot, "segmentation": embedded_segmentation}
+    data = read[task.kind](eval_dir)
     if data is None:
-        need = "retrieval.parquet" if task.kind == "retrieval" else "zeroshot.parquet and a classes.json with classes"
+        need = {
+            "retrieval": "retrieval.parquet",
+            "zeroshot": "zeroshot.parquet and a classes.json with classes",
+            "segmentation": "segmentation.parquet and segmentation.json: an embedded dataset of schema version >= 2",
+        }[task.kind]
         raise DatasetError(f"{eval_dir}: no {task.kind} split (needs {need})")
     return data
 
 
-def _embedded_dir(enc: Encoders) -> str:
+def _embedded_dir(enc: Encoders, kind: str) -> str:
     """The evaluation splits the model trained with, else its data section's embedded default
-    (generated once, deterministically, as training does)."""
+    (generated once, deterministically, as training does). A model trained before the
+    segmentation split existed gets the regenerated default for it: every other split of it is
+    byte-identical to the one it trained with."""
     if enc.eval_dir and Path(enc.eval_dir).is_dir():
-        return enc.eval_dir
+        if (
+            kind != "segmentation"
+            or (Path(enc.eval_dir) / "segmentation.parquet").exists()
+            or enc.data.path != "embedded"
+        ):
+            return enc.eval_dir
     d = enc.data
     if d.path != "embedded":
         raise DatasetError(

@@ -20,6 +20,7 @@ from raytrain.eval.datasets import (
 )
 from raytrain.eval.probes import binding_accuracy, modality_gap
 from raytrain.eval.retrieval import retrieval_metrics
+from raytrain.eval.segmentation import embedded_segmentation, zeroshot_segmentation
 from raytrain.eval.zeroshot import TEMPLATES, class_embeddings, zeroshot_accuracy
 
 _CHUNK = 256
@@ -122,17 +123,22 @@ def zeroshot(
 
 @torch.no_grad()
 def evaluate(
-    encode_images: Callable[[list[bytes]], torch.Tensor], encode_texts: Callable[[list[str]], torch.Tensor], eval_dir
+    encode_images: Callable[[list[bytes]], torch.Tensor],
+    encode_texts: Callable[[list[str]], torch.Tensor],
+    eval_dir,
+    encode_patches: Callable[[list[bytes]], torch.Tensor | None] | None = None,
 ) -> dict[str, float]:
     """Evaluate an embedding model on `eval_dir`'s splits; returns flat metrics.
 
     encode_images: list of PNG bytes -> [n, d]; encode_texts: list of str -> [n, d]
-    (outputs are L2-normalized here). Splits whose file is missing are skipped.
+    (outputs are L2-normalized here); encode_patches: list of PNG bytes -> patch embeddings
+    [n, h, w, d] or None (no patch tokens). Splits whose file is missing are skipped.
     Keys: i2t_/t2i_ r@1, r@5, r@10, map, gap, separability, retrieval_images,
     retrieval_captions (retrieval.parquet; `retrieval`);
     zs_top1, zs_top5 (zeroshot.parquet, classes with the file's templates);
     binding (binding.parquet); ood_i2t_r@1, ood_t2i_r@1, ood_zs_top1 (over ood_classes),
-    ood_binding (ood.parquet); mean_r@1 = (i2t_r@1 + t2i_r@1) / 2, the headline metric.
+    ood_binding (ood.parquet); mean_r@1 = (i2t_r@1 + t2i_r@1) / 2, the headline metric;
+    seg_miou (segmentation.parquet, with patches: raytrain.eval.segmentation).
     """
     eval_dir = Path(eval_dir)
     meta = read_classes(eval_dir)
@@ -167,4 +173,13 @@ def evaluate(
             cls = class_embeddings(encode_texts, meta["ood_classes"], templates)
             out["ood_zs_top1"] = zeroshot_accuracy(img, cls, t["label"], ks=(1,))["top1"]
         out["ood_binding"] = binding_accuracy(img, pos, _encode(encode_texts, t["negative"]))
+    out.update(_segmentation(encode_patches, encode_texts, eval_dir))
     return out
+
+
+def _segmentation(encode_patches, encode_texts, eval_dir: Path) -> dict[str, float]:
+    """seg_miou of the embedded segmentation split, {} without the split or without patches."""
+    if encode_patches is None or (data := embedded_segmentation(eval_dir)) is None:
+        return {}
+    scores = zeroshot_segmentation(encode_patches, encode_texts, data, data.templates)
+    return {} if scores is None else {"seg_miou": scores["miou"]}

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raytrain.models.init import part_init
@@ -46,9 +49,22 @@ class Method(nn.Module):
         scores; "" is the method's own pair, the one `raytrain eval` and export use."""
         return {"": (self.encode_images, self.encode_texts)}
 
+    def patch_evaluations(self) -> dict[str, Callable[[Tensor], Tensor | None]]:
+        """Metric-name prefix (of `evaluations`) → that inference mode's encode_patches, scored
+        as zero-shot segmentation with the same prefix's text encoder (`seg_miou`)."""
+        return {"": self.encode_patches}
+
     def encode_images(self, pixels: Tensor) -> Tensor:
         """Evaluation embeddings of images (the student alone unless a method injects)."""
         return self.student.encode_image(pixels)
+
+    def encode_patches(self, pixels: Tensor) -> Tensor | None:
+        """L2-normalized patch embeddings [B, h, w, E] in the space of encode_images and
+        encode_texts (the student's patch tokens through its image head), or None for a
+        method without patch tokens in that space."""
+        if not self.has_student:
+            return None
+        return F.normalize(self.student.patch_embeddings(pixels), dim=-1)
 
     def encode_texts(self, tokens: Tensor, captions: list[str]) -> Tensor:
         return self.student.encode_text(tokens)

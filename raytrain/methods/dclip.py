@@ -181,6 +181,10 @@ class DCLIP(Method):
     def encode_images(self, pixels):
         return F.normalize(self.image_proj(self.student.image(pixels)[0]), dim=-1)
 
+    def encode_patches(self, pixels):
+        """The student's patch embeddings through the same projection into the text teacher's space."""
+        return F.normalize(self.image_proj(self.student.patch_embeddings(pixels)), dim=-1)
+
     def encode_texts(self, tokens, captions):
         if self.text_teacher is None:
             self.text_teacher = self.cfg.teachers.text.build().to(tokens.device)

@@ -117,6 +117,25 @@ class DINORankCLIP(RankCLIP):
             )
         return out
 
+    def patch_evaluations(self):
+        """As `evaluations`: the configured mode unprefixed, the other one prefixed."""
+        out = {"": self.encode_patches}
+        if self.image_injection is not None or self.text_injection is not None:
+            other = not self.cfg.fusion.eval_inject
+            out["inject_" if other else "student_"] = lambda pixels: self.embed_patches(pixels, other)
+        return out
+
+    def encode_patches(self, pixels):
+        return self.embed_patches(pixels, self.cfg.fusion.eval_inject)
+
+    def embed_patches(self, pixels, inject: bool):
+        """The student's patch embeddings; None with the image teacher injected: the injection
+        adds one global feature (the fused map pooled by the refiner, gated against the
+        student's global embedding), so it defines no per-patch embedding to score."""
+        if inject and self.image_injection is not None:
+            return None
+        return super().encode_patches(pixels)
+
     def embed_images(self, pixels, inject: bool):
         if not inject or self.image_injection is None:
             return super().encode_images(pixels)

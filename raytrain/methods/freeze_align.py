@@ -18,6 +18,8 @@ same outputs: the CLS and that last scale, the first teachers.text.max_tokens to
 import json
 from pathlib import Path
 
+import torch.nn.functional as F
+
 from raytrain.methods import register_method
 from raytrain.methods.clip import CLIP
 from raytrain.models.projectors import FreezeAlignProjectors
@@ -63,6 +65,21 @@ class FreezeAlign(CLIP):  # CLIP's forward: clip_loss(*self.embed(batch))
             self.teacher = self.cfg.teachers.dinov3.build(self.cfg.data.mean, self.cfg.data.std).to(pixels.device)
         out = self.teacher(pixels)
         return self.projectors.encode_image(out.cls, out.multiscale[:, -1])
+
+    def encode_patches(self, pixels):
+        """The frozen DINOv3's patch tokens through the shared local projector P_local
+        (normalized) [B, h, w, E]: the paper's patch-level alignment, each patch as the image
+        embedding sees it before the mean. Full resolution (the final-norm last-layer patches)
+        when the projector's scale is the last block, else that scale's grid² region means, as
+        trained. None without local tokens (freeze_align.local_tokens=false)."""
+        if self.projectors.image_local is None:
+            return None
+        if self.teacher is None:
+            self.teacher = self.cfg.teachers.dinov3.build(self.cfg.data.mean, self.cfg.data.std).to(pixels.device)
+        out, t = self.teacher(pixels), self.teacher
+        last = t.layers[-1] == t.num_layers
+        tokens, side = (out.patches, t.side) if last else (out.multiscale[:, -1], t.grid)
+        return F.normalize(self.projectors.image_local(tokens), dim=-1).unflatten(1, (side, side))
 
     def encode_texts(self, tokens, captions):
         if self.text_teacher is None:

@@ -113,3 +113,11 @@ class Student(nn.Module):
 
     def encode_text(self, tokens: Tensor) -> Tensor:
         return F.normalize(self.text(tokens)[0], dim=-1)
+
+    def patch_embeddings(self, pixels: Tensor) -> Tensor:
+        """Each patch token in the joint space [B, side, side, E] (row-major grid), not
+        normalized: the tower's final-norm patch tokens through the head that projects its CLS
+        (MaskCLIP-style dense features: the same map as the pooled output, token by token)."""
+        _, tokens = self.image(pixels)
+        side = math.isqrt(tokens.shape[1])
+        return self.image.head(tokens).unflatten(1, (side, side))

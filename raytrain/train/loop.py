@@ -201,7 +201,8 @@ def _metrics(loss, logs, stats, step, epoch, window, local_batch) -> dict:
 @torch.no_grad()
 def evaluate(method, tokenizer, cfg, eval_dir: str, device) -> dict[str, float]:
     """The embedded evaluation suite on each of the method's evaluation encoder pairs
-    (`Method.evaluations`), its metrics prefixed by the pair's name."""
+    (`Method.evaluations`, with the same mode's `Method.patch_evaluations` for seg_miou), its
+    metrics prefixed by the pair's name."""
     from raytrain.data.transforms import decode_image, normalize
     from raytrain.eval.suite import evaluate as run_suite
 
@@ -217,10 +218,13 @@ def evaluate(method, tokenizer, cfg, eval_dir: str, device) -> dict[str, float]:
     def tokens(captions: list[str]) -> torch.Tensor:
         return torch.from_numpy(tokenizer(captions, length)).to(device)
 
-    results = {}
+    results, patches = {}, method.patch_evaluations()
     for prefix, (images, texts) in method.evaluations().items():
         scores = run_suite(
-            lambda data, f=images: f(pixels(data)), lambda caps, f=texts: f(tokens(caps), caps), eval_dir
+            lambda data, f=images: f(pixels(data)),
+            lambda caps, f=texts: f(tokens(caps), caps),
+            eval_dir,
+            None if (p := patches.get(prefix)) is None else lambda data, f=p: f(pixels(data)),
         )
         results.update({prefix + k: v for k, v in scores.items()})
     method.train()
