@@ -83,9 +83,9 @@ for i in $(seq 60); do
   sleep 2
 done
 ray job logs --address "$address" --follow "$job"
-status=$(ray job status --address "$address" "$job" 2>&1 | grep -o "SUCCEEDED\|FAILED\|STOPPED" | tail -1 || true)
-if [ "$status" != SUCCEEDED ]; then
-  say "error: job $job ended ${status:-in an unknown state}; its log is above" >&2
+status=$(ray job status --address "$address" "$job" 2>&1 || true)
+if [[ "$status" != *"Job '$job' succeeded"* ]]; then
+  say "error: job $job did not succeed; its log is above (\`ray job status\` says why)" >&2
   exit 1
 fi
 report=$(ls -t "$results"/order_sweep-*/report.md | head -1)

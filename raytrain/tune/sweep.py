@@ -32,6 +32,7 @@ from raytrain.config import Config, ConfigError, make_config, parse_overrides, r
 from raytrain.data.sources import read_bytes, resolve, write_atomic
 from raytrain.log import log, set_level
 from raytrain.tune.progress import Progress, error_summary
+from raytrain.tune.relay import fit_reporting
 
 
 class Space(BaseModel):
@@ -121,12 +122,12 @@ def run_trial(params: dict[str, Any], base: dict, variants: dict, source, cache=
     ctx = tune.get_context()
     # beside the Tune experiment, so one storage path (local, NFS or S3) holds the sweep
     storage = os.path.join(os.path.expanduser(cfg.run.storage_path), ctx.get_experiment_name(), "train_runs")
-    fit_run(cfg, ctx.get_trial_name(), storage, source, cache, to_tune=True)
+    fit_reporting(lambda callbacks: fit_run(cfg, ctx.get_trial_name(), storage, source, cache, callbacks))
 
 
-def fit_run(cfg: Config, name: str, storage: str, source, cache=None, to_tune: bool = False):
-    """One Ray Train run of `cfg`, named `name` under `storage`; returns its Result. `to_tune`:
-    its reports go to Tune (the trial's own run).
+def fit_run(cfg: Config, name: str, storage: str, source, cache=None, callbacks=()):
+    """One Ray Train run of `cfg`, named `name` under `storage`; returns its Result. `callbacks`:
+    Ray Train callbacks of this run (a trial's own run reports to Tune through them).
 
     A method class may declare a run to do first: `preceding_stage(cfg) -> (stage config, key)
     | None` (DCLIP: phase 1, the meta-teacher). That stage runs before, as `<name>-<stage
@@ -136,7 +137,6 @@ def fit_run(cfg: Config, name: str, storage: str, source, cache=None, to_tune: b
     Tune: a trial's progress.csv takes its columns from its first result.)"""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-    from ray.tune.integration.ray_train import TuneReportCallback
 
     from raytrain.data.pipeline import train_dataset
     from raytrain.data.sources import uri
@@ -165,7 +165,7 @@ def fit_run(cfg: Config, name: str, storage: str, source, cache=None, to_tune: b
         run_config=RunConfig(
             name=name,
             storage_path=storage,
-            callbacks=[TuneReportCallback()] if to_tune else [],
+            callbacks=list(callbacks),
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(
                 num_to_keep=cfg.train.keep_checkpoints,
