@@ -350,7 +350,7 @@ def ingest_config():
 def shared_cache(base: Config, source, configs: list[Config]):
     """Build the teacher cache once (or reuse it) for every trial; trials may not vary
     what the cache depends on."""
-    from raytrain.teachers.cache import CacheReader, _declared, build_cache, cache_dir
+    from raytrain.teachers.cache import CacheReader, _declared, build_cache
 
     for cfg in configs:
         if _declared(cfg) != _declared(base):  # e.g. teachers.* on the grid
@@ -358,9 +358,7 @@ def shared_cache(base: Config, source, configs: list[Config]):
                 "a trial changes the teacher cache's inputs (teachers.*, data preprocessing); "
                 "sweep those in separate runs"
             )
-    manifest = build_cache(base)
-    root = cache_dir(base, source)
-    return CacheReader(root, source.files, manifest["shapes"], *resolve(root, base.data.s3))
+    return CacheReader.open(base, source, build_cache(base))
 
 
 SPACE_FILE = "space.yaml"  # in the experiment directory, written before the first trial
