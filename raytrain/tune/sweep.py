@@ -235,10 +235,14 @@ def fit_run(cfg: Config, name: str, storage: str, source, cache=None, to_tune: b
             ),
         ),
     )
+    # what a worker killed mid-write left during this run
     try:
-        return trainer.fit()
-    finally:
-        prune_checkpoints(run_dir)  # what a worker killed mid-write left during this run
+        result = trainer.fit()
+    except BaseException:
+        prune_checkpoints(run_dir)
+        raise
+    prune_checkpoints(run_dir, result)
+    return result
 
 
 # Ray Train's record of a run's registered checkpoints, in the run's directory (ray.train.v2's
@@ -246,7 +250,7 @@ def fit_run(cfg: Config, name: str, storage: str, source, cache=None, to_tune: b
 CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
 
 
-def prune_checkpoints(run_dir: str) -> list[str]:
+def prune_checkpoints(run_dir: str, result=None) -> list[str]:
     """Remove the `checkpoint_*` directories of a Ray Train run (local or s3://) that Ray Train
     has not registered, and return their names. Only while no worker of the run is writing
     (`fit_run`: before and after `fit`).
@@ -254,8 +258,9 @@ def prune_checkpoints(run_dir: str) -> list[str]:
     Ray Train writes a checkpoint into `<run_dir>/checkpoint_<time>` from the workers and
     registers it (the snapshot file) once every worker has reported; a worker or driver killed
     in between leaves a directory no retention rule (train.keep_checkpoints) ever deletes.
-    Registered: the retained checkpoints and the latest, as `ray.train.Result` lists them. A
-    directory beside no snapshot was never registered (the run starts over from scratch)."""
+    Registered: the retained checkpoints and the latest, as the run's `ray.train.Result` lists
+    them (`result`: the one `fit` returned; else read from the run directory). A directory
+    beside no snapshot was never registered (the run starts over from scratch)."""
     from ray.train import Result
 
     fs, path = resolve(run_dir)
@@ -268,8 +273,9 @@ def prune_checkpoints(run_dir: str) -> list[str]:
     if not found:
         return []
     kept = set()
-    if exists(fs, posixpath.join(path, CHECKPOINT_SNAPSHOT)):
+    if result is None and exists(fs, posixpath.join(path, CHECKPOINT_SNAPSHOT)):
         result = Result.from_path(path, storage_filesystem=fs)
+    if result is not None:
         latest = [result.checkpoint] if result.checkpoint is not None else []
         kept = {posixpath.basename(c.path.rstrip("/")) for c in [c for c, _ in result.best_checkpoints or []] + latest}
     removed = sorted(found - kept)
