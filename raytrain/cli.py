@@ -16,8 +16,12 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     sweep = sub.add_parser("sweep", help="run a Tune space (order sweep, ablations, baselines) and write its report")
-    sweep.add_argument("--space", default="tune_spaces/order_sweep.yaml", help="space file (tune_spaces/*.yaml)")
-    sweep.add_argument("--resume", metavar="EXPERIMENT_DIR", help="resume an interrupted sweep from its directory")
+    sweep.add_argument("--space", help="space file (tune_spaces/*.yaml; default: tune_spaces/order_sweep.yaml)")
+    sweep.add_argument(
+        "--resume",
+        metavar="EXPERIMENT_DIR",
+        help="resume an interrupted sweep from its directory, with the space, config and grid it was started with",
+    )
     sweep.add_argument(
         "--profile",
         action="append",
@@ -83,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             from raytrain.tune.sweep import run_sweep
 
-            report = run_sweep(args.space, args.overrides, args.resume, args.profile)
+            space = args.space or (None if args.resume else "tune_spaces/order_sweep.yaml")
+            report = run_sweep(space, args.overrides, args.resume, args.profile)
             log.info(f"report written to {report}")
         elif args.command == "report":
             from raytrain.tune.sweep import report_experiment

@@ -195,3 +195,70 @@ def test_all_three_teachers(dataset, tmp_path, ray_local, monkeypatch):
     feats, mask = cfg.teachers.text.build().encode_tokens([caption], 6)
     assert np.allclose(got["text_tokens"][0], feats[0], atol=2e-2) and np.array_equal(got["text_mask"][0], mask[0])
     assert set(manifest["fingerprint"]["weights"]) == {"dinov3", "text", "text_tokens", "yolo"}
+
+
+def test_integer_ids_join_the_cache(tmp_path, ray_local):
+    """Integer ids: the cache and the training stream both see their decimal strings."""
+    root = tmp_path / "ints"
+    (root / "train").mkdir(parents=True)
+    for f in range(2):
+        ids = pa.array([100 * f + i for i in range(4)], pa.int64())
+        images, captions = [png(10 * f + i) for i in range(4)], [f"a red circle number {i}" for i in range(4)]
+        pq.write_table(pa.table({"id": ids, "image": images, "caption": captions}), root / "train" / f"p{f}.parquet")
+    cfg = config(root, tmp_path)
+    build_cache(cfg)
+    src = prepare(cfg.data)
+    reader = CacheReader.open(cfg, src)
+    assert pq.read_table(tmp_path / "cache" / shard_name(1))["id"].to_pylist() == ["100", "101", "102", "103"]
+    rows = 0
+    for b in train_dataset(src, cfg.data, 0, reader).iter_batches(batch_size=None, batch_format="numpy"):
+        for j, i in enumerate(b["id"]):
+            want = reader.lookup(src.files[int(i) // 100], [i])["dinov3_cls"][0]
+            assert np.array_equal(b["dinov3_cls"][j], want) and want.any(), i
+            rows += 1
+    assert rows == 8
+
+
+def test_a_shard_of_another_version_of_its_file_is_refused(dataset, tmp_path, ray_local, caplog):
+    """At open (the manifest's per-shard rows and id digests), when a worker reads the shard
+    (its footer; a repeated id), and by a resumed build, which builds such a shard again."""
+    cfg = config(dataset, tmp_path)
+    build_cache(cfg)
+    part0, part1 = (dataset / "train" / f"part-{f}.parquet" for f in (0, 1))
+    table0, table1 = pq.read_table(part0), pq.read_table(part1)
+    reader = CacheReader.open(cfg, prepare(cfg.data))
+    # the same number of rows (the fingerprint's count is unchanged), other ids
+    pq.write_table(table0.set_column(0, "id", pa.array([f"g{i}" for i in range(6)])), part0)
+    stale = r"shard-00000\.parquet holds the outputs of \S*part-0\.parquet as it was when built \(6 rows, ids \w+\), "
+    stale += r"but the file now has 6 rows"
+    with pytest.raises(CacheMismatch, match=stale):
+        CacheReader.open(cfg, prepare(cfg.data))
+    with pytest.raises(CacheMismatch, match=stale):
+        build_cache(cfg)  # a complete cache is reused only when every shard is its file's
+    # a row moved from file 0 to file 1: the total is unchanged, both files' shards are stale
+    pq.write_table(table0.slice(0, 5), part0)
+    pq.write_table(pa.concat_tables([table1, table0.slice(5)]), part1)
+    with pytest.raises(CacheMismatch, match=r"\(6 rows, ids \w+\), but the file now has 5 rows"):
+        CacheReader.open(cfg, prepare(cfg.data))
+    pq.write_table(table0, part0)
+    pq.write_table(table1, part1)
+    # read by a worker: a shard replaced by another file's, or holding an id twice
+    shard0, shard1 = (tmp_path / "cache" / shard_name(i) for i in (0, 1))
+    kept = shard0.read_bytes()
+    shard0.write_bytes(shard1.read_bytes())
+    with pytest.raises(CacheMismatch, match=stale):  # file 1's ids
+        reader.lookup(reader.files[0], ["f0-0"])
+    twice = pq.read_table(shard1)
+    pq.write_table(pa.concat_tables([twice, twice.slice(0, 1)]).replace_schema_metadata(twice.schema.metadata), shard1)
+    with pytest.raises(CacheMismatch, match=r"shard-00001\.parquet \(of \S*part-1\.parquet\) holds id 'f1-0' twice"):
+        reader.lookup(reader.files[1], ["f1-0"])
+    # an interrupted build resumed after file 0 changed: its existing shard is built again
+    shard0.write_bytes(kept)
+    (tmp_path / "cache" / "manifest.json").unlink()
+    shard1.unlink()
+    pq.write_table(table0.set_column(0, "id", pa.array([f"g{i}" for i in range(6)])), part0)
+    with caplog.at_level("INFO", logger="raytrain"):
+        manifest = build_cache(cfg)
+    assert "shard-00000.parquet was built from another version of" in caplog.text
+    reader = CacheReader.open(cfg, prepare(cfg.data))
+    assert manifest["shards"][0]["source_rows"] == 6 and reader.lookup(reader.files[0], ["g3"])["dinov3_cls"].any()

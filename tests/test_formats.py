@@ -248,7 +248,7 @@ def test_broken_tars_are_named(tmp_path):
         "not a tar": (b"<html>403 Forbidden</html>" * 40, r"truncated or not a tar file"),
         "split sample": (
             tar_bytes([("k0", {"jpg": image(0)}), ("k1", {"jpg": image(1)}), ("k0", {"txt": b"late"})]),
-            r"the members of sample 'k0' are not adjacent",
+            r"id 'k0' appears twice, at samples 0 and 2 .*the members of sample 'k0' are not adjacent",
         ),
     }
     for i, (data, match) in enumerate(cases.values()):
@@ -273,6 +273,95 @@ def test_broken_tars_are_named(tmp_path):
         prepare(
             data_cfg(put(str(tmp_path / "sidecars"), {"00000.parquet": b"x", "00000_stats.json": b"{}"}), "webdataset")
         )
+
+
+# ---- ids ------------------------------------------------------------------------------------
+
+
+def raytrain_file(ids, id_type=None) -> bytes:
+    id_type = id_type or pa.string()
+    rows = [{"id": i, "image": image(j), "caption": f"photo number {j}"} for j, i in enumerate(ids)]
+    return parquet_bytes(rows, pa.schema([("id", id_type), ("image", pa.binary()), ("caption", pa.string())]))
+
+
+def id_layouts(ids: list[str]) -> dict[str, dict[str, bytes]]:
+    """One training file per layout whose rows carry `ids` (in order), beside a clean file."""
+    i2d = [i2d_row(k, f"photo {j}", image(j)) for j, k in enumerate(ids)]
+    return {
+        "raytrain": {"train/part-0.parquet": raytrain_file(["a", "b"]), "train/part-1.parquet": raytrain_file(ids)},
+        "img2dataset": {
+            "00000.parquet": parquet_bytes(i2d[:1], I2D_SCHEMA),
+            "00001.parquet": parquet_bytes(i2d, I2D_SCHEMA),
+        },
+        "webdataset": {
+            "00000.tar": tar_bytes([wds_sample("a", "x", image(0))]),
+            "00001.tar": tar_bytes([wds_sample(k, f"photo {j}", image(j)) for j, k in enumerate(ids)]),
+        },
+    }
+
+
+def test_repeated_and_missing_ids_are_named_before_anything_trains(tmp_path):
+    for fmt, files in id_layouts(["1", "5", "2", "5"]).items():
+        root = put(str(tmp_path / f"dup-{fmt}"), files)
+        unit = "samples" if fmt == "webdataset" else "rows"
+        with pytest.raises(
+            SchemaError,
+            match=rf"dup-{fmt}/(train/part-1\.parquet|00001\.(parquet|tar)): id '5' appears twice, at {unit} 1 and 3",
+        ):
+            prepare(data_cfg(root, fmt))
+    # the same id in adjacent samples of a tar (its members repeat), and a null id
+    root = put(
+        str(tmp_path / "adjacent"),
+        {"00000.tar": tar_bytes([wds_sample("5", "x", image(0)), wds_sample("5", "y", image(1))])},
+    )
+    with pytest.raises(SchemaError, match=r"00000\.tar: id '5' appears twice, at samples 0 and 1"):
+        prepare(data_cfg(root, "webdataset"))
+    root = put(str(tmp_path / "null"), {"train/part-0.parquet": raytrain_file(["a", "b", None])})
+    with pytest.raises(SchemaError, match=r"part-0\.parquet: row 2 \(counted from 0\) has no id"):
+        prepare(data_cfg(root, "raytrain"))
+    root = put(str(tmp_path / "float"), {"train/part-0.parquet": raytrain_file([1.0, 2.0], pa.float64())})
+    with pytest.raises(SchemaError, match=r"column 'id' has type double, expected string or integer"):
+        prepare(data_cfg(root, "raytrain"))
+
+
+def test_integer_ids_are_read_as_their_decimal_strings(tmp_path, ray_local):
+    ints = put(str(tmp_path / "ints"), {"train/part-0.parquet": raytrain_file([7, 10, 123], pa.int64())})
+    strings = put(str(tmp_path / "strings"), {"train/part-0.parquet": raytrain_file(["7", "10", "123"])})
+    src, same = prepare(data_cfg(ints, "raytrain")), prepare(data_cfg(strings, "raytrain"))
+    assert src.file_rows == (3,) and src.file_ids == same.file_ids  # the same ids, whatever their type
+    assert read_file(resolve(ints)[0], src.files[0], data_cfg(ints, "raytrain"))["id"].to_pylist() == ["7", "10", "123"]
+    assert sorted(stream(src, data_cfg(ints, "raytrain"))) == ["10", "123", "7"]
+    i2d = [{**i2d_row("x", f"photo {k}", image(k)), "key": k} for k in (3, 4)]
+    root = put(
+        str(tmp_path / "i2d"), {"00000.parquet": parquet_bytes(i2d, I2D_SCHEMA.set(2, pa.field("key", pa.uint32())))}
+    )
+    assert read_file(resolve(root)[0], prepare(data_cfg(root, "img2dataset")).files[0], data_cfg(root, "img2dataset"))[
+        "id"
+    ].to_pylist() == ["3", "4"]
+    with pytest.raises(SchemaError, match=r"part-0\.parquet: id '7' appears twice, at rows 0 and 2"):
+        prepare(
+            data_cfg(
+                put(str(tmp_path / "dup"), {"train/part-0.parquet": raytrain_file([7, 8, 7], pa.int32())}), "raytrain"
+            )
+        )
+
+
+def test_cache_build_refuses_repeated_ids_in_every_layout(tmp_path):
+    """Past the schema check too (a file changed after it): the shard builder names file, id, rows."""
+    from dataclasses import asdict
+
+    from raytrain.data.formats import list_files
+    from raytrain.data.pipeline import DataSource
+    from raytrain.teachers.cache import _ShardBuilder
+
+    for fmt, files in id_layouts(["1", "5", "2", "5"]).items():
+        cfg = make_config({}, TINY + [f"data.path={put(str(tmp_path / fmt), files)}", f"data.format={fmt}"])
+        fs, base = resolve(cfg.data.path)
+        src = DataSource(cfg.data.path, tuple(list_files(fs, base, cfg.data)), 6, None, None)  # not checked
+        builder = _ShardBuilder(cfg.model_dump(mode="json"), asdict(src), fs, fs, str(tmp_path / f"cache-{fmt}"))
+        builder.build(0)  # the clean file
+        with pytest.raises(SchemaError, match=rf"{fmt}/\S*1\.\w+: id '5' appears twice, at (rows|samples) 1 and 3"):
+            builder.build(1)
 
 
 def test_teacher_cache_on_webdataset(tmp_path, ray_local):

@@ -34,10 +34,16 @@ download or write that died leaves it) or not a tar is an error naming the file,
 `check_files` before anything starts: every tar is walked there, reading only the headers on
 local disk and the whole file once, sequentially, on S3 (counts are remembered per file size
 and modification time, so a second `prepare` in the same process does not read it again).
+
+Ids are strings or integers (read as their decimal strings everywhere) and unique within a file,
+since the teacher cache joins its outputs to a file's rows by id: a null or repeated id is an
+error naming the file, the id and both row numbers, raised by `check_files` too (of a parquet
+file only the id column is read).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import tarfile
@@ -51,7 +57,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from raytrain.config import DataConfig
-from raytrain.data.schema import BINARY, STRING, SchemaError, train_columns, validate_schema
+from raytrain.data.schema import BINARY, ID, STRING, SchemaError, train_columns, validate_schema
 from raytrain.data.sources import StorageError, endpoint, is_s3, list_parquet, storage_error, uri
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # in this order when a sample has several
@@ -62,7 +68,8 @@ TAR_END = 1024  # the two zero blocks that end every complete tar archive
 READ_BUFFER = 8 << 20  # sequential reads in large requests (S3: few GETs per tar)
 CHUNK_ROWS = 256  # rows per table a tar is read in
 CHECK_THREADS = 8  # files checked at once: reading metadata and tars waits on storage, not CPU
-_tar_rows: dict[tuple[str, int, int], int] = {}  # (uri, size, mtime) → samples, of checked tars
+# (uri, size, mtime, id column) → (rows, id digest) of the files checked (tars: walked) so far
+_checked: dict[tuple[str, int, int, str], tuple[int, str]] = {}
 
 
 def train_root(cfg: DataConfig, base: str) -> str:
@@ -92,7 +99,7 @@ def parquet_columns(cfg: DataConfig) -> dict[str, tuple]:
     if cfg.format == "raytrain":
         return train_columns(cfg.caption_column, cfg.extra_captions)
     extra = {c: STRING for c in cfg.extra_captions}
-    return {"key": STRING, cfg.image_column: BINARY, cfg.caption_column: STRING, "status": STRING, **extra}
+    return {"key": ID, cfg.image_column: BINARY, cfg.caption_column: STRING, "status": STRING, **extra}
 
 
 def _hints(cfg: DataConfig) -> dict[str, str]:
@@ -106,31 +113,53 @@ def _hints(cfg: DataConfig) -> dict[str, str]:
     }
 
 
-def check_files(fs: pafs.FileSystem, files, cfg: DataConfig) -> int:
-    """Check every training file (schema of parquet files; tars walked whole) and return the
-    total row count; SchemaError naming the first bad file, in file order."""
+def check_files(fs: pafs.FileSystem, files, cfg: DataConfig) -> list[tuple[int, str]]:
+    """Check every training file (schema and ids of parquet files; tars walked whole) and return
+    each one's (row count, id digest: `check_ids`); SchemaError naming the first bad file, in
+    file order."""
     pool = ThreadPoolExecutor(CHECK_THREADS)
     try:
-        counts = pool.map(lambda f: _check(fs, f, cfg), files)
-        return sum(tqdm(counts, total=len(files), desc="raytrain: checking training files", unit="file", delay=2))
+        checked = pool.map(lambda f: _check(fs, f, cfg), files)
+        return list(tqdm(checked, total=len(files), desc="raytrain: checking training files", unit="file", delay=2))
     finally:
         pool.shutdown(cancel_futures=True)  # after an error, do not go on reading the rest
 
 
-def _check(fs: pafs.FileSystem, path: str, cfg: DataConfig) -> int:
-    shown = uri(fs, path)
+def check_ids(ids: list, shown: str) -> str:
+    """A training file's ids in row order, as the readers give them (strings): SchemaError naming
+    the file `shown` for a null id, or for an id that repeats, with both row numbers; else a
+    digest of them, which a teacher cache shard records to refuse a file that changed since."""
+    first: dict[str, int] = {}
+    for j, i in enumerate(ids):
+        if i is None:
+            raise SchemaError(f"{shown}: row {j} (counted from 0) has no id; every row needs a unique one")
+        if first.setdefault(i, j) != j:
+            raise SchemaError(
+                f"{shown}: id {i!r} appears twice, at rows {first[i]} and {j} (counted from 0): ids must be "
+                "unique within a file (the teacher cache joins its outputs to the rows by id)"
+            )
+    return hashlib.blake2b("\0".join(ids).encode(), digest_size=8).hexdigest()
+
+
+def _check(fs: pafs.FileSystem, path: str, cfg: DataConfig) -> tuple[int, str]:
+    shown, info = uri(fs, path), _info(fs, path)
     if cfg.format == "webdataset":
-        info = _info(fs, path)
-        key = (shown, info.size, info.mtime_ns)
-        if key not in _tar_rows:
-            _tar_rows[key] = sum(1 for _ in _tar_samples(fs, path, info.size))
-        return _tar_rows[key]
+        key = (shown, info.size, info.mtime_ns, "")
+        if key not in _checked:
+            keys = [k for k, _ in _tar_samples(fs, path, info.size)]  # repeated ids: raised there
+            _checked[key] = len(keys), check_ids(keys, shown)
+        return _checked[key]
     try:
-        meta = pq.read_metadata(path, filesystem=fs)
+        with fs.open_input_file(path) as f:
+            parquet = pq.ParquetFile(f)
+            validate_schema(parquet.schema_arrow, shown, parquet_columns(cfg), _hints(cfg))
+            key = (shown, info.size, info.mtime_ns, read_columns(cfg, ["id"])[0])
+            if key not in _checked:
+                ids = pc.cast(parquet.read(columns=[key[3]]).column(0), pa.string()).to_pylist()
+                _checked[key] = len(ids), check_ids(ids, shown)
     except (OSError, pa.ArrowInvalid) as e:
         raise SchemaError(f"{shown}: not a readable parquet file ({e})") from None
-    validate_schema(meta.schema.to_arrow_schema(), shown, parquet_columns(cfg), _hints(cfg))
-    return meta.num_rows
+    return _checked[key]
 
 
 def read_columns(cfg: DataConfig, columns) -> list[str]:
@@ -143,9 +172,10 @@ def read_columns(cfg: DataConfig, columns) -> list[str]:
 
 def normalize(table: pa.Table, cfg: DataConfig) -> pa.Table:
     """A parquet table read with `read_columns` → normalized columns (others, e.g. Ray's
-    `path`, kept); img2dataset: a row whose status is not "success" loses its image."""
+    `path`, kept): integer ids as their decimal strings; img2dataset: a row whose status is not
+    "success" loses its image."""
     if cfg.format != "img2dataset":
-        return table
+        return _string_ids(table)
     if "status" in table.column_names:
         image = table[cfg.image_column]
         ok = pc.equal(table["status"], "success")  # null status: null, so no image either
@@ -156,7 +186,13 @@ def normalize(table: pa.Table, cfg: DataConfig) -> pa.Table:
         )
         table = table.drop_columns(["status"])
     names = {"key": "id", cfg.image_column: "image"}
-    return table.rename_columns([names.get(n, n) for n in table.column_names])
+    return _string_ids(table.rename_columns([names.get(n, n) for n in table.column_names]))
+
+
+def _string_ids(table: pa.Table) -> pa.Table:
+    if "id" not in table.column_names or not pa.types.is_integer(table.schema.field("id").type):
+        return table
+    return table.set_column(table.column_names.index("id"), "id", pc.cast(table["id"], pa.string()))
 
 
 def read_file(fs: pafs.FileSystem, path: str, cfg: DataConfig, columns=None) -> pa.Table:
@@ -231,7 +267,7 @@ def _tar_samples(fs: pafs.FileSystem, path: str, size: int, read=frozenset()) ->
     that is not a tar, or a sample whose members are not adjacent."""
     shown = uri(fs, path)
     seek = not read and not is_s3(fs)  # headers only: seek over the data on local disk
-    key, members, seen = None, {}, set()
+    key, members, seen = None, {}, {}  # seen: key → its sample number
     try:
         f = fs.open_input_file(path) if seek else fs.open_input_stream(path, compression=None, buffer_size=READ_BUFFER)
         with f, tarfile.open(fileobj=f, mode="r:" if seek else "r|") as tar:
@@ -243,13 +279,20 @@ def _tar_samples(fs: pafs.FileSystem, path: str, size: int, read=frozenset()) ->
                 if name != key:
                     if key is not None:
                         yield key, members
-                        seen.add(key)
+                        seen[key] = len(seen)
                     if name in seen:
                         raise SchemaError(
-                            f"{shown}: the members of sample {name!r} are not adjacent (WebDataset needs each "
-                            "sample's files together: re-create the tar sorted by name)"
+                            f"{shown}: id {name!r} appears twice, at samples {seen[name]} and {len(seen)} (counted "
+                            "from 0): ids must be unique within a file; or the members of sample "
+                            f"{name!r} are not adjacent (WebDataset needs each sample's files together: "
+                            "re-create the tar sorted by name)"
                         )
                     key, members = name, {}
+                if extension in members:  # the same id again, right after itself
+                    raise SchemaError(
+                        f"{shown}: id {name!r} appears twice, at samples {len(seen)} and {len(seen) + 1} (counted "
+                        f"from 0; its .{extension} member repeats): ids must be unique within a file"
+                    )
                 members[extension] = tar.extractfile(info).read() if extension in read else None
             end = tar.offset  # where the last member ends
     except tarfile.TarError as e:

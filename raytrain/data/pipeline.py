@@ -25,6 +25,10 @@ class DataSource:
     num_rows: int
     eval_dir: str | None  # local directory with the evaluation splits, if any
     vocabulary: tuple[str, ...] | None  # word tokenizer vocabulary; None for a HF tokenizer
+    # per training file: its rows and the digest of its ids (formats.check_ids), which the
+    # teacher cache compares with what each shard was built from; () in sources saved before
+    file_rows: tuple[int, ...] = ()
+    file_ids: tuple[str, ...] = ()
 
     def tokenizer(self, cfg: DataConfig):
         return WordTokenizer(list(self.vocabulary)) if self.vocabulary is not None else HFTokenizer(cfg.tokenizer)
@@ -42,12 +46,13 @@ def prepare(cfg: DataConfig) -> DataSource:
         path = str(ensure_dataset(root, cfg.n_train, cfg.n_eval, cfg.seed, cfg.image_size))
     fs, base = resolve(path, cfg.s3)
     files = list_files(fs, base, cfg)
-    rows = check_files(fs, files, cfg)
+    checked = check_files(fs, files, cfg)
     vocabulary = None
     if cfg.tokenizer == "word":
         vocabulary = _vocabulary(fs, base, files, cfg)
     local_eval = cfg.format == "raytrain" and not path.startswith("s3://") and os.path.isdir(f"{base}/eval")
-    return DataSource(path, tuple(files), rows, f"{base}/eval" if local_eval else None, vocabulary)
+    rows, ids = (tuple(x) for x in zip(*checked))
+    return DataSource(path, tuple(files), sum(rows), f"{base}/eval" if local_eval else None, vocabulary, rows, ids)
 
 
 def _vocabulary(fs, base: str, files, cfg: DataConfig) -> tuple[str, ...]:

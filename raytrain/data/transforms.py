@@ -103,7 +103,7 @@ class Preprocess:
             if decoded
             else np.zeros((0, self.size, self.size, 3), np.uint8)
         )
-        ids = np.asarray(batch["id"]).astype(str)
+        ids = np.asarray(batch["id"]).astype(str)  # integer ids: their decimal strings, as formats.normalize
         out = {
             "id": ids,
             "pixels": normalize(images, cfg.mean, cfg.std),

@@ -3,7 +3,9 @@
 Layout (local directory or s3:// prefix):
 
     <cache>/shard-00000.parquet ...   one per training file, rows keyed by sample `id`;
-                                      each output a float16 column, flattened
+                                      each output a float16 column, flattened; its footer
+                                      records the rows and id digest of the file it was
+                                      built from
     <cache>/manifest.json             written last: fingerprint, shapes, per-shard counts
 
 Shard i holds the outputs for training file i, so a build is a set of independent units:
@@ -11,7 +13,9 @@ each shard is written atomically (temp + rename locally, one PUT on S3), an inte
 build started again skips the shards that exist, and because a shard depends only on its
 input file and the teachers, the result equals an uninterrupted build. Training joins a
 batch to its file's shard by id (no shuffle join), and refuses a cache whose fingerprint
-does not match its config, naming what differs.
+does not match its config, naming what differs, and a shard built from another version of its
+training file (other row count or ids: at open from the manifest, and again when a worker reads
+the shard), naming the file. A file with a null or repeated id is refused by the build too.
 """
 
 from __future__ import annotations
@@ -29,13 +33,13 @@ import pyarrow.parquet as pq
 import torch
 
 from raytrain.config import ConfigError
-from raytrain.data.formats import read_file
+from raytrain.data.formats import check_ids, read_file
 from raytrain.data.pipeline import DataSource, prepare
-from raytrain.data.sources import StorageError, exists, read_bytes, resolve, write_atomic
+from raytrain.data.sources import StorageError, exists, read_bytes, resolve, uri, write_atomic
 from raytrain.data.transforms import decode_image, normalize
 from raytrain.log import log
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: shards record the rows and id digest of their training file
 MANIFEST = "manifest.json"
 
 
@@ -155,6 +159,7 @@ class _ShardBuilder:
         t0, data = time.perf_counter(), self.cfg.data
         table = read_file(self.fs, self.src.files[i], data, ["id", "image", data.caption_column])  # any data.format
         ids, blobs, captions = (table.column(c).to_pylist() for c in ("id", "image", data.caption_column))
+        source = {"rows": len(ids), "ids": check_ids(ids, uri(self.fs, self.src.files[i]))}
         decoded = [decode_image(b, data.image_size) for b in blobs]
         empty = [c is None or not str(c).strip() for c in captions]
         keep = [j for j, d in enumerate(decoded) if d is not None and not empty[j]]
@@ -177,7 +182,11 @@ class _ShardBuilder:
             "empty_caption": sum(e and d is not None for e, d in zip(empty, decoded)),
         }
         # shapes and skip counts travel in the shard, so a resumed build's manifest is whole
-        meta = {"raytrain.shapes": json.dumps(shapes), "raytrain.skipped": json.dumps(skipped)}
+        meta = {
+            "raytrain.shapes": json.dumps(shapes),
+            "raytrain.skipped": json.dumps(skipped),
+            "raytrain.source": json.dumps(source),
+        }
         buf = io.BytesIO()
         pq.write_table(pa.table(arrays).replace_schema_metadata(meta), buf)
         write_atomic(self.out_fs, posixpath.join(self.out_root, shard_name(i)), buf.getvalue())
@@ -197,9 +206,17 @@ def build_cache(config) -> dict:
         diff = differences(manifest["fingerprint"], wanted)
         if diff:
             raise CacheMismatch(f"cache at {root} was built for another config:\n  " + "\n  ".join(diff))
+        check_shards(manifest["shards"], src, root)
         log.info(f"teacher cache at {root} is complete ({manifest['rows']} rows); reusing it")
         return manifest
-    todo = [i for i in range(len(src.files)) if not exists(fs, posixpath.join(base, shard_name(i)))]
+    todo = []
+    for i, file in enumerate(src.files):
+        path = posixpath.join(base, shard_name(i))
+        if not exists(fs, path):
+            todo.append(i)
+        elif _source(pq.read_schema(path, filesystem=fs).metadata) != _wanted(src, i):  # an earlier build's
+            log.info(f"{shard_name(i)} was built from another version of {file}: building it again")
+            todo.append(i)
     log.info(
         f"building teacher cache at {root}: {len(todo)} of {len(src.files)} shards to do "
         f"({', '.join(config.cache.teachers)})"
@@ -260,13 +277,43 @@ def _shard_stats(fs, base: str, i: int) -> tuple[dict, dict]:
     path = posixpath.join(base, shard_name(i))
     meta = pq.read_schema(path, filesystem=fs).metadata
     skipped = json.loads(meta[b"raytrain.skipped"])
+    source_rows, source_ids = _source(meta)
     stats = {
         "file": shard_name(i),
         "rows": pq.read_metadata(path, filesystem=fs).num_rows,
         "bytes": fs.get_file_info(path).size,
         **{f"skipped_{k}": v for k, v in skipped.items()},
+        "source_rows": source_rows,
+        "source_ids": source_ids,
     }
     return stats, json.loads(meta[b"raytrain.shapes"])
+
+
+def _source(meta: dict | None) -> tuple:
+    """(rows, id digest) of the training file a shard was built from, from its footer."""
+    source = json.loads((meta or {}).get(b"raytrain.source", b"{}"))
+    return source.get("rows"), source.get("ids")
+
+
+def _wanted(src: DataSource, i: int) -> tuple:
+    """(rows, id digest) of training file i as `prepare` found it."""
+    return src.file_rows[i], src.file_ids[i]
+
+
+def _same_source(root: str, i: int, file: str, built: tuple, wanted: tuple) -> None:
+    if tuple(built) != tuple(wanted):
+        raise CacheMismatch(
+            f"teacher cache {root}: {shard_name(i)} holds the outputs of {file} as it was when built ({built[0]} "
+            f"rows, ids {built[1]}), but the file now has {wanted[0]} rows (ids {wanted[1]}): it changed since; "
+            f"build the cache again (remove {root}, or set cache.path elsewhere)"
+        )
+
+
+def check_shards(shards: list[dict], src: DataSource, root: str) -> None:
+    """CacheMismatch naming the first training file whose shard, as the manifest lists it, was
+    built from another version of it (other row count or ids)."""
+    for i, (shard, file) in enumerate(zip(shards, src.files)):
+        _same_source(root, i, file, (shard.get("source_rows"), shard.get("source_ids")), _wanted(src, i))
 
 
 @dataclass(frozen=True)
@@ -278,26 +325,32 @@ class CacheReader:
     shapes: dict
     fs: object  # the cache's pyarrow filesystem, resolved on the driver (it pickles to workers)
     base: str
+    sources: tuple[tuple[int, str], ...]  # per training file: (rows, id digest) as `prepare` found it
 
     @classmethod
-    def open(cls, config, src: DataSource) -> CacheReader:
-        """The verified cache for this config; CacheMismatch names what differs."""
+    def open(cls, config, src: DataSource, manifest: dict | None = None) -> CacheReader:
+        """The verified cache for this config; CacheMismatch names what differs. `manifest`:
+        the one `build_cache` just returned (its fingerprint checked there)."""
         root = cache_dir(config, src)
         fs, base = resolve(root, config.data.s3)
-        manifest = read_manifest(fs, base)
         if manifest is None:
-            raise StorageError(
-                f"no teacher cache at {root}: build it with `python jobs/build_cache.py` (or cache.use=true in a sweep)"
-            )
-        wanted = fingerprint(config, src, TeacherSet(config, config.cache.teachers))
-        diff = differences(manifest["fingerprint"], wanted)
-        if diff:
-            raise CacheMismatch(f"cache at {root} does not match this config:\n  " + "\n  ".join(diff))
-        return cls(root, src.files, manifest["shapes"], fs, base)
+            manifest = read_manifest(fs, base)
+            if manifest is None:
+                raise StorageError(
+                    f"no teacher cache at {root}: build it with `python jobs/build_cache.py` "
+                    "(or cache.use=true in a sweep)"
+                )
+            wanted = fingerprint(config, src, TeacherSet(config, config.cache.teachers))
+            diff = differences(manifest["fingerprint"], wanted)
+            if diff:
+                raise CacheMismatch(f"cache at {root} does not match this config:\n  " + "\n  ".join(diff))
+        check_shards(manifest["shards"], src, root)
+        sources = tuple(_wanted(src, i) for i in range(len(src.files)))
+        return cls(root, src.files, manifest["shapes"], fs, base, sources)
 
     def lookup(self, path: str, ids) -> dict[str, np.ndarray]:
         """Outputs [n, *shape] float32 for `ids` of training file `path`."""
-        index, table = _load_shard(self.fs, self.base, self.files.index(path))
+        index, table = _load_shard(self, self.files.index(path))
         try:
             rows = [index[i] for i in ids]
         except KeyError as e:
@@ -310,18 +363,28 @@ class CacheReader:
 _shards: dict[tuple[str, int], tuple] = {}  # per worker process: the last two shards read
 
 
-def _load_shard(fs, base: str, i: int):
-    key = (base, i)
+def _load_shard(reader: CacheReader, i: int):
+    key = (reader.base, i)
     if key not in _shards:
         if len(_shards) >= 2:  # a batch's file is usually the last one's
             _shards.pop(next(iter(_shards)))
-        _shards[key] = _read_shard(fs, base, i)
+        _shards[key] = _read_shard(reader, i)
     return _shards[key]
 
 
-def _read_shard(fs, base: str, i: int):
-    table = pq.read_table(posixpath.join(base, shard_name(i)), filesystem=fs)
-    index = {v: j for j, v in enumerate(table.column("id").to_pylist())}
+def _read_shard(reader: CacheReader, i: int):
+    """(id → row, outputs) of shard i; CacheMismatch naming its training file when the shard was
+    built from another version of that file, or holds an id twice."""
+    table = pq.read_table(posixpath.join(reader.base, shard_name(i)), filesystem=reader.fs)
+    _same_source(reader.root, i, reader.files[i], _source(table.schema.metadata), reader.sources[i])
+    ids = table.column("id").to_pylist()
+    index: dict[str, int] = {}
+    for j, v in enumerate(ids):
+        if index.setdefault(v, j) != j:
+            raise CacheMismatch(
+                f"teacher cache {reader.root}: {shard_name(i)} (of {reader.files[i]}) holds id {v!r} twice, at rows "
+                f"{index[v]} and {j}: build the cache again (remove {reader.root})"
+            )
     arrays = {}
     for name in table.column_names:
         if name != "id":

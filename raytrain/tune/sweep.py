@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pandas as pd
+import pyarrow.fs as pafs
 import yaml
 from pydantic import BaseModel, ConfigDict, Field
 
 from raytrain.config import Config, ConfigError, make_config, parse_overrides, read_tree
-from raytrain.data.sources import read_bytes, resolve, write_atomic
+from raytrain.data.sources import exists, read_bytes, resolve, storage_error, write_atomic
 from raytrain.log import log, set_level
 from raytrain.tune.progress import Progress, error_summary
 from raytrain.tune.relay import fit_reporting
@@ -73,8 +74,14 @@ def load_space(
         space.config = _merge(parent.config, space.config)
     for profile in profiles:
         space.config = _merge(space.config, read_tree(profile, "profile file"))
+    return resolve_space(space, parse_overrides(list(overrides)), str(path))
+
+
+def resolve_space(space: Space, overrides: dict[str, Any], where: str) -> tuple[Space, Config, list[dict[str, Any]]]:
+    """`load_space`'s result for a parsed space (its `config` already merged with its parent
+    and profiles) and parsed overrides; `where` names the space in errors."""
     config_overrides = {}
-    for key, value in parse_overrides(list(overrides)).items():
+    for key, value in overrides.items():
         if key.startswith("grid."):
             if not isinstance(value, list) or not value:
                 raise ConfigError(f"override {key} must be a non-empty list, e.g. {key}=[0,1]")
@@ -90,10 +97,68 @@ def load_space(
         try:
             trial_overrides(params, space.variants, base)
         except ConfigError as e:
-            raise ConfigError(f"space {path}, trial {params}: {e}") from None
+            raise ConfigError(f"space {where}, trial {params}: {e}") from None
     if space.group not in space.grid:
-        raise ConfigError(f"space {path}: group {space.group!r} is not a grid key ({', '.join(keys)})")
+        raise ConfigError(f"space {where}: group {space.group!r} is not a grid key ({', '.join(keys)})")
     return space, base, trials
+
+
+# Overrides a resumed sweep takes with a value other than the experiment's own: where the data
+# is read from and with which credentials, and what is logged; never what a trial computes.
+# (run.max_concurrent_trials is not among them: Tune restores the experiment's own concurrency.)
+RESUME_OVERRIDES = ("data.s3.", "run.log_level")
+
+
+def resume_space(
+    exp: str, overrides: list[str] = (), profiles: list[str | Path] = (), space_path: str | Path | None = None
+) -> tuple[Space, Config, list[dict[str, Any]]]:
+    """`load_space`'s result for resuming the experiment `exp`, rebuilt from the space it was
+    started with (`<exp>/space.yaml`: its full base config, grid and variants), so every trial
+    computes what it would have computed uninterrupted. Overrides and profiles given now must
+    agree with it, except keys under RESUME_OVERRIDES: ConfigError naming the keys that would
+    change. `space_path` (the space file a job names) must be the experiment's space by name;
+    it is not read otherwise."""
+    space, _ = read_space(exp)
+    shown = posixpath.join(exp, SPACE_FILE)
+    if space_path is not None:
+        file = Path(space_path)
+        name = (yaml.safe_load(file.read_text()) or {}).get("name") if file.is_file() else None
+        if name is not None and name != space.name:
+            raise ConfigError(
+                f"--resume {exp}: that experiment is a sweep of space {space.name!r}, not of {file} "
+                f"({name!r}); resume it with the job that started it"
+            )
+        log.info(f"resuming with the experiment's own space {shown}, not {file}")
+    overrides = parse_overrides(list(overrides))
+    grid = {k: v for k, v in overrides.items() if k.startswith("grid.")}
+    changed = [k for k, v in grid.items() if space.grid.get(k[len("grid.") :]) != v]
+    saved = make_config(space.config)
+    tree = space.config
+    for profile in profiles:
+        tree = _merge(tree, read_tree(profile, "profile file"))
+    given = make_config(tree, {k: v for k, v in overrides.items() if k not in grid})
+    changed += [k for k in _differences(saved.model_dump(mode="json"), given.model_dump(mode="json"))]
+    refused = [k for k in changed if not k.startswith(RESUME_OVERRIDES)]
+    if refused:
+        raise ConfigError(
+            f"--resume {exp}: {', '.join(refused)} would change what the experiment's trials compute "
+            f"(a resumed sweep runs the space it was started with, {shown}); start a new sweep to change them. "
+            f"On resume only {', '.join(k + '*' if k.endswith('.') else k for k in RESUME_OVERRIDES)} may differ"
+        )
+    space.config = given.model_dump(mode="json")
+    return resolve_space(space, {}, shown)
+
+
+def _differences(a: dict, b: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested dicts."""
+    out = []
+    for key in list(a) + [k for k in b if k not in a]:
+        x, y = a.get(key), b.get(key)
+        if isinstance(x, dict) and isinstance(y, dict):
+            out += _differences(x, y, f"{prefix}{key}.")
+        elif x != y:
+            out.append(prefix + key)
+    return out
 
 
 def _merge(base: dict, top: dict) -> dict:
@@ -152,6 +217,8 @@ def fit_run(cfg: Config, name: str, storage: str, source, cache=None, callbacks=
         path = uri(done.checkpoint.filesystem, done.checkpoint.path)
         log.info(f"{name}-{stage_cfg.method} done, loss {done.metrics.get('loss', float('nan')):.4f}; {key}={path}")
         cfg = cfg.override({key: path})
+    run_dir = f"{storage.rstrip('/')}/{name}"
+    prune_checkpoints(run_dir)  # a resumed run: what a worker killed mid-write left behind
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=worker_config(cfg, source),
@@ -174,19 +241,76 @@ def fit_run(cfg: Config, name: str, storage: str, source, cache=None, callbacks=
             ),
         ),
     )
-    return trainer.fit()
+    # what a worker killed mid-write left during this run
+    try:
+        result = trainer.fit()
+    except BaseException:
+        prune_checkpoints(run_dir)
+        raise
+    prune_checkpoints(run_dir, result)
+    return result
+
+
+# Ray Train's record of a run's registered checkpoints, in the run's directory (ray.train.v2's
+# CheckpointManager writes it before it deletes a checkpoint that retention drops).
+CHECKPOINT_SNAPSHOT = "checkpoint_manager_snapshot.json"
+
+
+def prune_checkpoints(run_dir: str, result=None) -> list[str]:
+    """Remove the `checkpoint_*` directories of a Ray Train run (local or s3://) that Ray Train
+    has not registered, and return their names. Only while no worker of the run is writing
+    (`fit_run`: before and after `fit`).
+
+    Ray Train writes a checkpoint into `<run_dir>/checkpoint_<time>` from the workers and
+    registers it (the snapshot file) once every worker has reported; a worker or driver killed
+    in between leaves a directory no retention rule (train.keep_checkpoints) ever deletes.
+    Registered: the retained checkpoints and the latest, as the run's `ray.train.Result` lists
+    them (`result`: the one `fit` returned; else read from the run directory). A directory
+    beside no snapshot was never registered (the run starts over from scratch)."""
+    from ray.train import Result
+
+    fs, path = resolve(run_dir)
+    try:
+        infos = fs.get_file_info(pafs.FileSelector(path, allow_not_found=True))
+    except OSError as e:
+        raise storage_error(fs, "list", run_dir, e) from None
+    found = {posixpath.basename(i.path) for i in infos if i.type == pafs.FileType.Directory}
+    found = {d for d in found if d.startswith("checkpoint_")}
+    if not found:
+        return []
+    kept = set()
+    if result is None and exists(fs, posixpath.join(path, CHECKPOINT_SNAPSHOT)):
+        result = Result.from_path(path, storage_filesystem=fs)
+    if result is not None:
+        latest = [result.checkpoint] if result.checkpoint is not None else []
+        kept = {posixpath.basename(c.path.rstrip("/")) for c in [c for c, _ in result.best_checkpoints or []] + latest}
+    removed = sorted(found - kept)
+    for d in removed:
+        fs.delete_dir(posixpath.join(path, d))
+    if removed:
+        log.info(f"removed {len(removed)} unregistered checkpoint directories of {run_dir}: {', '.join(removed)}")
+    return removed
 
 
 def run_sweep(
-    space_path: str | Path, overrides: list[str] = (), resume: str | None = None, profiles: list[str | Path] = ()
+    space_path: str | Path | None,
+    overrides: list[str] = (),
+    resume: str | None = None,
+    profiles: list[str | Path] = (),
 ) -> Path:
-    """Run (or, given the experiment directory, resume) a sweep; returns the report path."""
+    """Run (or, given the experiment directory, resume) a sweep; returns the report path. A
+    resumed sweep runs the space it was started with (`resume_space`)."""
     import ray
     from ray import tune
 
     from raytrain.data.pipeline import prepare
 
-    space, base, trials = load_space(space_path, overrides, profiles)
+    if resume:
+        if "://" not in resume:
+            resume = os.path.abspath(os.path.expanduser(resume))  # Tune restores no relative paths
+        space, base, trials = resume_space(resume, overrides, profiles, space_path)
+    else:
+        space, base, trials = load_space(space_path, overrides, profiles)
     set_level(base.run.log_level)
     storage = os.path.expanduser(base.run.storage_path)
     source = prepare(base.data)  # generates the embedded default once, before any trial
@@ -248,7 +372,7 @@ def ingest_config():
 def shared_cache(base: Config, source, configs: list[Config]):
     """Build the teacher cache once (or reuse it) for every trial; trials may not vary
     what the cache depends on."""
-    from raytrain.teachers.cache import CacheReader, _declared, build_cache, cache_dir
+    from raytrain.teachers.cache import CacheReader, _declared, build_cache
 
     for cfg in configs:
         if _declared(cfg) != _declared(base):  # e.g. teachers.* on the grid
@@ -256,9 +380,7 @@ def shared_cache(base: Config, source, configs: list[Config]):
                 "a trial changes the teacher cache's inputs (teachers.*, data preprocessing); "
                 "sweep those in separate runs"
             )
-    manifest = build_cache(base)
-    root = cache_dir(base, source)
-    return CacheReader(root, source.files, manifest["shapes"], *resolve(root, base.data.s3))
+    return CacheReader.open(base, source, build_cache(base))
 
 
 SPACE_FILE = "space.yaml"  # in the experiment directory, written before the first trial
