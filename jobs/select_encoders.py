@@ -12,11 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from raytrain.config import ConfigError, TeacherConfig, TextTeacherConfig, make_config
+from raytrain.config import ConfigError, DINOv3Config, TextTeacherConfig, make_config
 from raytrain.eval.select import encoder_table
 from raytrain.log import log
-
-SIZES = ("tiny", "vits16", "vitb16", "vitl16")
+from raytrain.teachers.dinov3 import VIT_SIZES
 
 
 def candidates(specs: list[str], kind: str) -> dict[str, str]:
@@ -41,7 +40,7 @@ def main(argv: list[str]) -> int:
         cfg = make_config({}, args.overrides)
         size = cfg.teachers.dinov3.image_size
         images = {
-            n: TeacherConfig(size=v, image_size=size) if v in SIZES else TeacherConfig(path=v, image_size=size)
+            n: DINOv3Config(size=v, image_size=size) if v in VIT_SIZES else DINOv3Config(path=v, image_size=size)
             for n, v in (candidates(args.image, "image") or {"tiny": "tiny"}).items()
         }
         texts = {

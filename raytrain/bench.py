@@ -20,6 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from raytrain.config import make_config
 from raytrain.data.transforms import Preprocess, WordTokenizer
 from raytrain.methods import build_method
+from raytrain.train.optim import build_optimizer
 
 # dense bf16 peak FLOP/s by device name, for MFU (None: unknown device, MFU not reported)
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
@@ -64,7 +65,7 @@ CASES = {
     "rankclip_R3": ["method=rankclip", "loss.order=3"],
     "rankclip_R5": ["method=rankclip", "loss.order=5"],
     "dinorankclip_R3_cached": ["method=dinorankclip", "loss.order=3", "cache.use=true", "cache.teachers=[dinov3,text]"],
-    "dinorankclip_R3_live": ["method=dinorankclip", "loss.order=3", "fusion.text_injection=false"],
+    "dinorankclip_R3_live": ["method=dinorankclip", "loss.order=3", "dinorankclip.text_injection=false"],
 }
 
 
@@ -91,7 +92,7 @@ def batch_for(cfg, method, device) -> dict:
 def step_time(cfg, device: str, steps: int) -> dict:
     torch.manual_seed(0)
     method = build_method(cfg, 100).to(device)
-    opt = cfg.optim.build(method, method.lr_scales())
+    opt = build_optimizer(cfg.optim, method, method.lr_scales())
     batch = batch_for(cfg, method, device)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device == "cuda" else torch.autocast("cpu", enabled=False)
 

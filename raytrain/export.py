@@ -21,10 +21,10 @@ WEIGHTS, CONFIG = "model.safetensors", "config.json"
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the checkpoint's student (weights, model config, preprocessing, tokenizer)."""
+    from raytrain.checkpoint import load
     from raytrain.config import ConfigError, make_config
     from raytrain.data.pipeline import DataSource
     from raytrain.methods import method_class
-    from raytrain.train.checkpoint import load
 
     state, meta = load(checkpoint)
     cfg, src = meta["config"], DataSource(**meta["source"])

@@ -17,6 +17,7 @@ from raytrain.config import make_config
 from raytrain.data.pipeline import prepare, train_dataset
 from raytrain.data.transforms import decode_image, normalize
 from raytrain.methods import build_method
+from raytrain.teachers import build_dinov3, build_text
 from raytrain.teachers.cache import CacheMismatch, CacheReader, build_cache, shard_name
 
 TINY = ["teachers.dinov3.size=tiny", "teachers.dinov3.image_size=32", "data.image_size=32", "cache.batch_size=4"]
@@ -97,7 +98,7 @@ def test_lookup_matches_the_teacher_on_the_fly(dataset, tmp_path, ray_local):
     reader = CacheReader.open(cfg, src)
     table = pq.read_table(src.files[0])
     images = np.stack([decode_image(b, 32) for b in table.column("image").to_pylist()])
-    live = cfg.teachers.dinov3.build()(torch.from_numpy(normalize(images, cfg.data.mean, cfg.data.std)))
+    live = build_dinov3(cfg.teachers.dinov3)(torch.from_numpy(normalize(images, cfg.data.mean, cfg.data.std)))
     got = reader.lookup(src.files[0], table.column("id").to_pylist()[::-1])
     torch.testing.assert_close(torch.from_numpy(got["dinov3_cls"]), live.cls.flip(0), atol=2e-2, rtol=2e-3)
     with pytest.raises(KeyError, match="no outputs for sample id 'f1-2'"):
@@ -192,7 +193,7 @@ def test_all_three_teachers(dataset, tmp_path, ray_local, monkeypatch):
     assert np.allclose(np.linalg.norm(got["text"], axis=1), 1, atol=1e-2)  # normalized sentence embeddings
     assert shapes["text_tokens"] == [6, 384] and shapes["text_mask"] == [6]
     caption = pq.read_table(src.files[0], columns=["caption"]).column(0)[0].as_py()
-    feats, mask = cfg.teachers.text.build().encode_tokens([caption], 6)
+    feats, mask = build_text(cfg.teachers.text).encode_tokens([caption], 6)
     assert np.allclose(got["text_tokens"][0], feats[0], atol=2e-2) and np.array_equal(got["text_mask"][0], mask[0])
     assert set(manifest["fingerprint"]["weights"]) == {"dinov3", "text", "text_tokens", "yolo"}
 

@@ -3,6 +3,7 @@
 import pytest
 
 from raytrain.config import Config, ConfigError, load_config, make_config, parse_overrides
+from raytrain.train.optim import lr_factor
 
 
 def test_defaults_validate_and_override():
@@ -57,8 +58,8 @@ def test_parse_overrides_yaml_values():
 
 def test_lr_schedule_warmup_then_cosine():
     cfg = make_config({}, ["optim.warmup_steps=10"])
-    assert cfg.optim.lr_at(0, 100) == pytest.approx(0.1)
-    assert cfg.optim.lr_at(9, 100) == pytest.approx(1.0)
-    assert cfg.optim.lr_at(10, 100) == pytest.approx(1.0)
-    assert cfg.optim.lr_at(55, 100) == pytest.approx(0.5)
-    assert cfg.optim.lr_at(100, 100) == pytest.approx(0.0)
+    assert lr_factor(cfg.optim, 0, 100) == pytest.approx(0.1)
+    assert lr_factor(cfg.optim, 9, 100) == pytest.approx(1.0)
+    assert lr_factor(cfg.optim, 10, 100) == pytest.approx(1.0)
+    assert lr_factor(cfg.optim, 55, 100) == pytest.approx(0.5)
+    assert lr_factor(cfg.optim, 100, 100) == pytest.approx(0.0)

@@ -11,13 +11,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from raytrain import checkpoint
 from raytrain.config import ConfigError, make_config
 from raytrain.losses.contrastive import clip_loss
 from raytrain.losses.dclip import dclip_student_loss
 from raytrain.methods import build_method
 from raytrain.methods.dclip import DCLIP, meta_embedding
 from raytrain.models.meta_teacher import MetaTeacher, temperature_pool
-from raytrain.train import checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -223,7 +223,7 @@ def test_phase2_teachers_are_frozen_and_not_saved(tmp_path):
         f"dclip.teacher_checkpoint={path}", "dclip.anchor_weight=0.5", "dclip.distill_weight=2", "method=dclip"
     )
     saved, _ = checkpoint.load(path)
-    for k, v in method.teacher["meta"].state_dict().items():
+    for k, v in method.frozen_parts["meta"].state_dict().items():
         assert torch.equal(v, saved["engine"]["model"][f"meta.{k}"]), k  # loaded from phase 1
     b = batch()
     loss, logs = method(b, 1.0)
@@ -234,15 +234,15 @@ def test_phase2_teachers_are_frozen_and_not_saved(tmp_path):
         u,
         b["text"],
         method.student.logit_scale(),
-        meta_embedding(method.teacher["meta"], b, "yolo"),
+        meta_embedding(method.frozen_parts["meta"], b, "yolo"),
         2.0,
         f,
-        method.teacher["anchor"](b["pixels"])[0],
+        method.frozen_parts["anchor"](b["pixels"])[0],
         0.5,
     )
     assert loss.item() == pytest.approx(want.item(), rel=1e-6)
     loss.backward()
-    assert all(not p.requires_grad and p.grad is None for p in method.teacher.parameters())
+    assert all(not p.requires_grad and p.grad is None for p in method.frozen_parts.parameters())
     assert all(p.grad is None for p in method.student.text.parameters())  # the text side is the text teacher
     assert all(p.grad is not None for p in [*method.student.image.parameters(), *method.image_proj.parameters()])
     assert not any(k.startswith(("teacher.", "text_teacher.")) for k in method.state_dict())
@@ -262,7 +262,7 @@ def test_phase2_starts_from_a_given_checkpoint(tmp_path):
     )
     for (n, a), b in zip(clip.student.state_dict().items(), method.student.state_dict().values()):
         assert torch.equal(a, b), n
-    assert torch.equal(method.teacher["anchor"].head.weight, clip.student.image.head.weight)
+    assert torch.equal(method.frozen_parts["anchor"].head.weight, clip.student.image.head.weight)
 
 
 def test_phase2_refuses_a_missing_or_mismatched_teacher(tmp_path):
@@ -278,8 +278,12 @@ def test_phase2_refuses_a_missing_or_mismatched_teacher(tmp_path):
 
 
 def test_requirements_are_checked():
-    with pytest.raises(ConfigError, match="put dinov3, text, text_tokens, yolo in cache.teachers"):
+    with pytest.raises(ConfigError, match="dclip reads yolo from the teacher cache: put yolo in cache.teachers"):
         config("method=dclip", "cache.teachers=[dinov3,text,text_tokens]")
+    with pytest.raises(
+        ConfigError, match="dclip reads dinov3, text, text_tokens, yolo from the teacher cache: set cache"
+    ):
+        config("method=dclip", "cache.use=false")
     config(
         "method=dclip", "cache.teachers=[dinov3,text,text_tokens]", "dclip.meta.regions=grid"
     )  # No YOLO needs no YOLO
@@ -307,7 +311,9 @@ def test_no_teacher_is_plain_infonce_fine_tuning():
     b = batch()
     loss, logs = method(b, 1.0)
     assert (
-        len(method.teacher) == 0 and DCLIP.preceding_stage(method.cfg) is None and set(logs) == {"clip", "logit_scale"}
+        len(method.frozen_parts) == 0
+        and DCLIP.preceding_stage(method.cfg) is None
+        and set(logs) == {"clip", "logit_scale"}
     )
     plain = clip_loss(method.encode_images(b["pixels"]), b["text"], method.student.logit_scale())
     assert loss.item() == pytest.approx(plain.item(), rel=1e-6)

@@ -7,12 +7,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from raytrain.config import TeacherConfig
+from raytrain.config import DINOv3Config
+from raytrain.teachers import build_dinov3
 from raytrain.teachers.dinov3 import IMAGENET_MEAN, IMAGENET_STD, DINOv3Teacher, default_layers
 
 
 def cfg(**kw):
-    """TeacherConfig's fields plus the (not yet added) `layers` / `grid`."""
+    """DINOv3Config's fields plus the (not yet added) `layers` / `grid`."""
     base = dict(size="tiny", path=None, image_size=32, layers=None, grid=None)
     return SimpleNamespace(**{**base, **kw})
 
@@ -25,7 +26,7 @@ def images(b=2, size=32, seed=0):
 
 @pytest.fixture(scope="module")
 def tiny():
-    return TeacherConfig(size="tiny").build()
+    return build_dinov3(DINOv3Config(size="tiny"))
 
 
 def test_tiny_shapes_and_defaults(tiny):
@@ -86,11 +87,11 @@ def test_frozen_no_grad_and_stays_in_eval(tiny):
 
 
 def test_deterministic_and_sizes_differ(tiny):
-    again = TeacherConfig(size="tiny").build()
+    again = build_dinov3(DINOv3Config(size="tiny"))
     assert again.fingerprint() == tiny.fingerprint()
     x = images()
     torch.testing.assert_close(again(x).multiscale, tiny(x).multiscale, rtol=0, atol=0)
-    small = TeacherConfig(size="vits16").build()
+    small = build_dinov3(DINOv3Config(size="vits16"))
     assert small.fingerprint() != tiny.fingerprint()
     # Same size, other weights -> other fingerprint.
     with torch.no_grad():
@@ -99,7 +100,7 @@ def test_deterministic_and_sizes_differ(tiny):
 
 
 def test_vits16_shapes():
-    t = TeacherConfig(size="vits16", image_size=32).build()
+    t = build_dinov3(DINOv3Config(size="vits16", image_size=32))
     assert (t.dim, t.num_layers, t.layers, t.model.config.num_register_tokens) == (384, 12, (3, 6, 9, 12), 4)
     out = t(images(b=1))
     assert out.cls.shape == (1, 384)
@@ -111,13 +112,13 @@ def test_global_rng_untouched():
     torch.manual_seed(123)
     reference = torch.rand(8)
     torch.manual_seed(123)
-    TeacherConfig(size="tiny").build()
+    build_dinov3(DINOv3Config(size="tiny"))
     assert torch.equal(torch.rand(8), reference)
 
 
 def test_from_pretrained_round_trip(tiny, tmp_path):
     tiny.model.save_pretrained(tmp_path)
-    loaded = TeacherConfig(size="vitl16", path=str(tmp_path)).build()  # path wins over size
+    loaded = build_dinov3(DINOv3Config(size="vitl16", path=str(tmp_path)))  # path wins over size
     assert loaded.fingerprint() == tiny.fingerprint()
     x = images()
     a, b = tiny(x), loaded(x)
@@ -126,7 +127,7 @@ def test_from_pretrained_round_trip(tiny, tmp_path):
     assert torch.allclose(loaded.model_mean.flatten(), torch.tensor(IMAGENET_MEAN))
     # Normalization constants come from preprocessor_config.json when it is there.
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5] * 3, "image_std": [0.25] * 3}))
-    other = TeacherConfig(path=str(tmp_path)).build()
+    other = build_dinov3(DINOv3Config(path=str(tmp_path)))
     assert other.model_std.flatten().tolist() == [0.25] * 3
     assert not torch.allclose(other(x).cls, a.cls)
 
@@ -134,12 +135,12 @@ def test_from_pretrained_round_trip(tiny, tmp_path):
 def test_bad_paths_name_the_path(tmp_path):
     missing = tmp_path / "no_such_teacher"
     with pytest.raises(FileNotFoundError, match="no_such_teacher"):
-        TeacherConfig(path=str(missing)).build()
+        build_dinov3(DINOv3Config(path=str(missing)))
     with pytest.raises(ValueError, match="DINOv3"):  # a directory without config.json
-        TeacherConfig(path=str(tmp_path)).build()
+        build_dinov3(DINOv3Config(path=str(tmp_path)))
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "bert"}))
     with pytest.raises(ValueError, match=str(tmp_path.name)):
-        TeacherConfig(path=str(tmp_path)).build()
+        build_dinov3(DINOv3Config(path=str(tmp_path)))
 
 
 def test_unnormalizes_the_data_pipeline_stats():
@@ -158,7 +159,7 @@ def test_unnormalizes_the_data_pipeline_stats():
 
 def test_image_size_must_fit_the_patch():
     with pytest.raises(ValueError, match="multiple"):
-        TeacherConfig(size="tiny", image_size=36).build()
+        build_dinov3(DINOv3Config(size="tiny", image_size=36))
 
 
 @pytest.mark.cuda
@@ -166,7 +167,7 @@ def test_image_size_must_fit_the_patch():
 def test_cuda_bf16_matches_cpu(tiny):
     x = images()
     ref = tiny(x)
-    gpu = TeacherConfig(size="tiny").build().cuda()
+    gpu = build_dinov3(DINOv3Config(size="tiny")).cuda()
     out = gpu(x.cuda())
     assert out.patches.dtype == torch.float32 and out.patches.is_cuda
     assert F.cosine_similarity(out.patches.cpu(), ref.patches, dim=-1).min() > 0.98

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from raytrain.config import make_config
-from raytrain.teachers import embedded
+from raytrain.teachers import build_dinov3, embedded
 from raytrain.teachers.dinov3 import describe
 from raytrain.teachers.embedded import ensure_teacher, labels, scene_labels
 
@@ -54,7 +54,7 @@ def test_trained_once_deterministic_and_loaded_by_config(tmp_path, monkeypatch):
     monkeypatch.setenv("RAYTRAIN_HOME", str(tmp_path / "a"))
     monkeypatch.setattr(embedded, "STEPS", 8)
     cfg = make_config({}, ["teachers.dinov3.path=embedded"]).teachers.dinov3
-    teacher, random = cfg.build(), make_config({}).teachers.dinov3.build()
+    teacher, random = build_dinov3(cfg), build_dinov3(make_config({}).teachers.dinov3)
     assert teacher.fingerprint() != random.fingerprint()
     assert describe(cfg) == describe(make_config({}).teachers.dinov3)  # shapes known without training
     out = teacher(torch.randn(2, 3, 32, 32))

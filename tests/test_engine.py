@@ -23,7 +23,9 @@ import pytest
 import torch
 
 from raytrain.config import make_config
-from raytrain.train.engine import DDPEngine, build_engine, deepspeed_config
+from raytrain.train.engines import DDPEngine, build_engine
+from raytrain.train.engines.deepspeed import deepspeed_config
+from raytrain.train.optim import lr_factor
 
 TINY = [
     "model.image.width=16",
@@ -214,7 +216,7 @@ def _train(engine_name: str, stage: int, precision: str, steps: int = 10, device
         logs_finite=logs_finite,
         param_dtype=next(engine.module.parameters()).dtype,
         input_dtypes=seen,
-        expected_lrs=[cfg.optim.lr * cfg.optim.lr_at(i + 1, TOTAL_STEPS) for i in range(steps)],
+        expected_lrs=[cfg.optim.lr * lr_factor(cfg.optim, i + 1, TOTAL_STEPS) for i in range(steps)],
     )
     return out
 
@@ -239,7 +241,7 @@ def _fp16() -> dict:
 
 def _initialize_error() -> str:
     """deepspeed.initialize refusing a config, on every machine: a ZeRO stage that does not exist."""
-    import raytrain.train.engine as engine
+    import raytrain.train.engines.deepspeed as engine
 
     derive = engine.deepspeed_config
     engine.deepspeed_config = lambda cfg, world: {**derive(cfg, world), "zero_optimization": {"stage": 7}}
@@ -268,7 +270,7 @@ def _accumulate() -> dict:
         "steps": steps,
         "micro": engine.micro_batch_size,
         "accumulation": engine.accumulation,
-        "expected": [cfg.optim.lr * cfg.optim.lr_at(s, TOTAL_STEPS) for s in steps],
+        "expected": [cfg.optim.lr * lr_factor(cfg.optim, s, TOTAL_STEPS) for s in steps],
         "hooks": hooks,
     }
 

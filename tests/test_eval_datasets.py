@@ -17,6 +17,7 @@ import torch
 import yaml
 from PIL import Image
 
+from raytrain import checkpoint
 from raytrain.cli import main
 from raytrain.config import ConfigError, EvalTaskConfig, make_config
 from raytrain.data.pipeline import prepare
@@ -25,7 +26,6 @@ from raytrain.eval.datasets import DatasetError, cifar, image_folder, karpathy
 from raytrain.eval.run import Encoders, _pixels, load_model, run_eval, run_task
 from raytrain.eval.zeroshot import SINGLE
 from raytrain.methods import build_method
-from raytrain.train import checkpoint
 
 COLOURS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255)}
 TOP = ["dataset", "model", "pretrained", "task", "metrics", "language"]  # clip_benchmark's dump
@@ -523,8 +523,8 @@ def test_frozen_teacher_checkpoint_is_rebuilt(tmp_path, trained):
         + [
             f"data.root={trained['data_root']}",
             "method=dinorankclip",
-            "fusion.eval_inject=true",
-            "fusion.text_injection=false",
+            "dinorankclip.eval_inject=true",
+            "dinorankclip.text_injection=false",
             "teachers.dinov3.image_size=16",
             "teachers.dinov3.grid=2",
         ],

@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from raytrain import checkpoint
 from raytrain.cli import main
 from raytrain.config import make_config
 from raytrain.data.pipeline import prepare
 from raytrain.data.transforms import normalize
 from raytrain.methods import build_method
-from raytrain.train import checkpoint
 
 TINY = [
     "model.image.width=16",
@@ -74,9 +74,9 @@ def test_export_refuses_methods_not_evaluated_by_their_student_alone(tmp_path, c
     base = make_config({}, TINY + [f"data.root={tmp_path / 'data'}"])
     alone = {name for name in list_methods() if method_class(name).exports_student(base)}
     assert alone == set(list_methods()) - {"dclip", "dclip_meta", "freeze_align"}
-    assert not method_class("dinorankclip").exports_student(base.override(["fusion.eval_inject=true"]))
+    assert not method_class("dinorankclip").exports_student(base.override(["dinorankclip.eval_inject=true"]))
 
-    cfg = base.override(["method=dinorankclip", "fusion.eval_inject=true", "fusion.text_injection=false"])
+    cfg = base.override(["method=dinorankclip", "dinorankclip.eval_inject=true", "dinorankclip.text_injection=false"])
     src = prepare(cfg.data)
     method = build_method(cfg, src.tokenizer(cfg.data).vocab_size)
     ckpt = checkpoint.save(tmp_path / "ckpt", {"engine": {"model": method.state_dict()}}, cfg, {"source": asdict(src)})

@@ -8,10 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from raytrain.config import ConfigError, FreezeAlignConfig, make_config
+from raytrain.config import ConfigError, make_config
 from raytrain.losses.contrastive import clip_loss
 from raytrain.methods import build_method
+from raytrain.methods.freeze_align import FreezeAlignConfig
 from raytrain.models.projectors import FreezeAlignProjectors, TokenProjector
+from raytrain.train.optim import build_optimizer
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -164,7 +166,7 @@ def test_frozen_encoders_get_no_gradients_and_are_not_saved():
 
 def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
     method = build("optim.lr=1e-2", "optim.weight_decay=0")
-    optimizer = method.cfg.optim.build(method)
+    optimizer = build_optimizer(method.cfg.optim, method)
     b, losses = batch(16), []
     for _ in range(15):
         loss, _ = method(b, 1.0)
@@ -176,7 +178,9 @@ def test_a_few_steps_reduce_the_loss_on_a_fixed_batch():
 
 
 def test_config_needs_the_cached_encoders():
-    with pytest.raises(ConfigError, match="freeze_align trains on cached encoder features"):
+    with pytest.raises(
+        ConfigError, match="freeze_align reads dinov3, text_tokens from the teacher cache: set cache.use=true"
+    ):
         make_config({}, ["method=freeze_align"])
     with pytest.raises(ConfigError, match="text_tokens in cache.teachers"):
         make_config({}, ["method=freeze_align", "cache.use=true", "cache.teachers=[dinov3,text]"])

@@ -9,6 +9,7 @@ import torch
 
 from raytrain.config import make_config
 from raytrain.methods import build_method, list_methods
+from raytrain.train.optim import build_optimizer
 
 TINY = [
     "model.image.width=16",
@@ -93,7 +94,7 @@ def test_transition_lr_scale_and_lambda_logs(name):
     """loss.transition_lr_scale puts the transition terms in their own optimizer groups at
     lr × scale (weight decay on their matrices only); λ_r are logged per ranked modality."""
     method = build([f"method={name}", "loss.order=3", "loss.transition_lr_scale=10", "optim.lr=1e-3"])
-    groups = method.cfg.optim.build(method, method.lr_scales()).param_groups
+    groups = build_optimizer(method.cfg.optim, method, method.lr_scales()).param_groups
     trans = {id(p) for n, p in method.named_parameters() if "_transition." in n}
     assert sum(len(g["params"]) for g in groups) == sum(p.requires_grad for p in method.parameters())
     for g in groups:
@@ -115,7 +116,7 @@ def test_dinorankclip_starts_as_rankclip(order):
     # some inits (seed 0 here) it is ≤ 0 for every row, the gate is exactly closed and alpha
     # gets no gradient until training turns the student towards the teacher feature
     rank = build(["method=rankclip", f"loss.order={order}", "seed=1"])
-    dino = build(["method=dinorankclip", f"loss.order={order}", "fusion.distill=false", "seed=1"])
+    dino = build(["method=dinorankclip", f"loss.order={order}", "dinorankclip.distill=false", "seed=1"])
     dino.student.load_state_dict(rank.student.state_dict())
     if order >= 2:
         dino.image_transition.load_state_dict(rank.image_transition.state_dict())
@@ -145,8 +146,8 @@ def test_dinorankclip_live_teacher_and_eval_injection():
             "method=dinorankclip",
             "loss.order=2",
             "cache.use=false",
-            "fusion.text_injection=false",
-            "fusion.eval_inject=true",
+            "dinorankclip.text_injection=false",
+            "dinorankclip.eval_inject=true",
         ]
     )
     b = batch()
@@ -164,7 +165,11 @@ def test_dinorankclip_evaluates_both_inference_modes(eval_inject):
     """METHODS.md §4: training's evaluation scores the student alone and with the teacher
     injected; the configured mode is unprefixed. The teacher for injection is built on first
     use (evaluation images are not cached) and equals the one the cache was built with."""
-    flags = ["fusion.text_injection=false", "fusion.gate=false", f"fusion.eval_inject={str(eval_inject).lower()}"]
+    flags = [
+        "dinorankclip.text_injection=false",
+        "dinorankclip.gate=false",
+        f"dinorankclip.eval_inject={str(eval_inject).lower()}",
+    ]
     method = build(["method=dinorankclip", *flags])
     assert method.teacher is None  # training reads the cache
     with torch.no_grad():  # open the residual (zero-init alpha), so that injection changes the embedding
@@ -180,15 +185,26 @@ def test_dinorankclip_evaluates_both_inference_modes(eval_inject):
         other, student if eval_inject else injected
     )
     assert all(p.grad is None and not p.requires_grad for p in method.teacher.parameters())
-    plain = build(["method=dinorankclip", "fusion.image_injection=false", "fusion.text_injection=false"])
+    plain = build(["method=dinorankclip", "dinorankclip.image_injection=false", "dinorankclip.text_injection=false"])
     assert list(plain.evaluations()) == [""]  # nothing to inject: one mode
 
 
 def test_method_requirements_are_checked():
     from raytrain.config import ConfigError
 
-    with pytest.raises(ConfigError, match="text_injection reads the text teacher from the cache"):
+    with pytest.raises(
+        ConfigError,
+        match="dinorankclip.text_injection reads text from the teacher cache: set cache.use=true and put text in",
+    ):
         make_config({}, ["method=dinorankclip", "cache.use=false"])
+    with pytest.raises(
+        ConfigError,
+        match="dinorankclip with cache.use=true reads dinov3 from the teacher cache: put dinov3 in cache.teachers",
+    ):
+        make_config({}, ["method=dinorankclip", "cache.use=true", "cache.teachers=[text]"])
+    with pytest.raises(ConfigError, match="loss.target=teacher reads dinov3 from the teacher cache"):
+        make_config({}, ["loss.target=teacher", "cache.use=true", "cache.teachers=[text]"])
+    make_config({}, ["loss.target=teacher"])  # uncached: the live teacher
     with pytest.raises(ConfigError, match="add it to data.extra_captions"):
         make_config({}, ["method=alip"])
 

@@ -608,7 +608,7 @@ def test_saved_space_is_the_sweep_that_ran(tmp_path):
 
 
 SPACE = """name: mini
-variants: {full: {}, no_gate: {fusion.gate: false}}
+variants: {full: {}, no_gate: {dinorankclip.gate: false}}
 grid: {seed: [0, 1]}
 group: variant
 baseline: full

@@ -315,7 +315,7 @@ def test_patch_embeddings_are_the_pooled_outputs_map():
 def test_dinorankclip_patches_are_the_students(eval_inject):
     """The injected mode adds one global teacher feature: it has no patches; the student mode's
     are the student's, under the prefix that mode's metrics carry."""
-    method = build(["method=dinorankclip", f"fusion.eval_inject={str(eval_inject).lower()}"])
+    method = build(["method=dinorankclip", f"dinorankclip.eval_inject={str(eval_inject).lower()}"])
     views = method.patch_evaluations()
     student, injected = ("student_", "") if eval_inject else ("", "inject_")
     assert list(views) == list(method.evaluations()) == ["", "student_" if eval_inject else "inject_"]
@@ -351,14 +351,14 @@ def test_training_evaluation_adds_seg_miou_and_keeps_the_rest(eval_dir, tmp_path
     for p in eval_dir.iterdir():
         if not p.name.startswith("segmentation"):
             (old / p.name).write_bytes(p.read_bytes())
-    method = build(["method=dinorankclip", "fusion.text_injection=false"])
+    method = build(["method=dinorankclip", "dinorankclip.text_injection=false"])
     cfg = method.cfg
     with_split = evaluate(method, tokenizer, cfg, str(eval_dir), "cpu")
     without = evaluate(method, tokenizer, cfg, str(old), "cpu")
     assert set(with_split) - set(without) == {"seg_miou"}  # the student mode; the injected one has no patches
     assert {k: with_split[k] for k in without} == without
     assert 0 <= with_split["seg_miou"] <= 1
-    method = build(["method=dinorankclip", "fusion.text_injection=false", "fusion.eval_inject=true"])
+    method = build(["method=dinorankclip", "dinorankclip.text_injection=false", "dinorankclip.eval_inject=true"])
     assert "student_seg_miou" in evaluate(method, tokenizer, method.cfg, str(eval_dir), "cpu")
 
 

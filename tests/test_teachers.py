@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import torch
 
-from raytrain.config import TeacherConfig
+from raytrain.config import DINOv3Config
+from raytrain.teachers import build_dinov3
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -254,7 +255,7 @@ def test_region_scores_hand_computed(yolo):
 
 
 def test_crop_features_with_tiny_dinov3(yolo):
-    teacher = TeacherConfig(size="tiny").build()
+    teacher = build_dinov3(DINOv3Config(size="tiny"))
     g = torch.Generator().manual_seed(0)
     pixels = (torch.rand(2, 3, 32, 32, generator=g) - 0.5) / 0.5  # the pipeline's normalization
     boxes = torch.tensor(

@@ -15,7 +15,7 @@ from raytrain.losses.distill import ema_momentum, ibot_loss, patch_distill
 from raytrain.methods import build_method
 from raytrain.methods.tipsv2 import PrototypeHead, random_masks, run_steps, sample_captions
 from raytrain.models.encoders import ImageTower, pool_tokens
-from raytrain.train.engine import DDPEngine
+from raytrain.train.engines import DDPEngine
 
 TINY = [
     "method=tipsv2",
@@ -285,7 +285,9 @@ def test_config_checks_name_the_key():
     ):
         make_config({}, ["method=tipsv2"])
     ok = ["method=tipsv2", "data.extra_captions=[caption_short]"]
-    with pytest.raises(ConfigError, match="needs 'dinov3' in cache.teachers"):
+    with pytest.raises(
+        ConfigError, match="tipsv2.patch_weight reads dinov3 from the teacher cache: put dinov3 in cache.teachers"
+    ):
         make_config({}, ok + ["cache.use=true", "cache.teachers=[text]"])
     with pytest.raises(ConfigError, match="tipsv2.ema_steps"):
         make_config({}, ok + ["data.path=/data/laion"])

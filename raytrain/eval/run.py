@@ -69,8 +69,7 @@ class Encoders:
 def load_model(path, device: str = "cpu", data: DataConfig | None = None) -> Encoders:
     """Encoders of a checkpoint or export directory. A checkpoint's embedded tasks use the
     evaluation splits it trained with; an export's use `data`'s embedded default."""
-    from raytrain import export
-    from raytrain.train import checkpoint
+    from raytrain import checkpoint, export
 
     path = Path(path)
     if (path / export.WEIGHTS).is_file():
@@ -214,7 +213,8 @@ def _segment(enc: Encoders, task: EvalTaskConfig, data) -> dict:
     if m is None:
         raise ConfigError(
             f"eval task {task.name!r}: {enc.model} ({enc.pretrained}) gives no patch embeddings in its image-text "
-            "space (e.g. DINORANKCLIP with fusion.eval_inject: its injection is global), which segmentation scores"
+            "space (e.g. DINORANKCLIP with dinorankclip.eval_inject: its injection is global), "
+            "which segmentation scores"
         )
     per_class = {c: None if math.isnan(v) else v for c, v in zip(data.classes, m["per_class_iou"])}
     return {"miou": m["miou"], "per_class_iou": per_class}

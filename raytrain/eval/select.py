@@ -8,12 +8,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from raytrain.config import DataConfig, TeacherConfig, TextTeacherConfig
+from raytrain.config import DataConfig, DINOv3Config, TextTeacherConfig
 from raytrain.data.formats import read_file
 from raytrain.data.pipeline import prepare
 from raytrain.data.sources import resolve
 from raytrain.data.transforms import decode_image, normalize
 from raytrain.eval.cka import linear_cka
+from raytrain.teachers import build_dinov3, build_text
 
 
 def paired_sample(data: DataConfig, n: int) -> tuple[np.ndarray, list[str]]:
@@ -38,14 +39,14 @@ def paired_sample(data: DataConfig, n: int) -> tuple[np.ndarray, list[str]]:
 
 @torch.no_grad()
 def encoder_table(
-    data: DataConfig, images: dict[str, TeacherConfig], texts: dict[str, TextTeacherConfig], n: int = 1000
+    data: DataConfig, images: dict[str, DINOv3Config], texts: dict[str, TextTeacherConfig], n: int = 1000
 ) -> pd.DataFrame:
     """One row per (image encoder, text encoder): CKA of their global embeddings (DINOv3 CLS,
     sentence embedding) on `n` pairs, best first."""
     pixels, captions = paired_sample(data, n)
     normalized = torch.from_numpy(normalize(pixels, data.mean, data.std))
-    image_feats = {name: cfg.build(data.mean, data.std)(normalized).cls for name, cfg in images.items()}
-    text_feats = {name: cfg.build().encode(captions).cpu() for name, cfg in texts.items()}
+    image_feats = {name: build_dinov3(cfg, data.mean, data.std)(normalized).cls for name, cfg in images.items()}
+    text_feats = {name: build_text(cfg).encode(captions).cpu() for name, cfg in texts.items()}
     rows = [
         {"image_encoder": i, "text_encoder": t, "cka": float(linear_cka(x, y)), "pairs": len(captions)}
         for i, x in image_feats.items()

@@ -1,4 +1,4 @@
-"""DCLIP (papers/001_*.txt, METHODS.md §6) in two phases, each a registered method and a Ray
+"""DCLIP (docs/methods.md#dclip) in two phases, each a registered method and a Ray
 Train run; run_trial runs both as one trial (phase 1 is what `DCLIP.preceding_stage` declares).
 
     phase 1, dclip_meta:  L = L_clip(meta(regions, text tokens), w)        the meta-teacher trains
@@ -18,25 +18,67 @@ fine-tunes its image encoder" names no layers: the whole image tower trains here
 """
 
 import copy
-import io
-import json
-import posixpath
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 from torch import nn
 
-from raytrain.data.sources import read_bytes, resolve
+from raytrain.checkpoint import load
+from raytrain.config import Section
+from raytrain.dist import gather
 from raytrain.losses.contrastive import clip_loss
 from raytrain.losses.dclip import dclip_student_loss
 from raytrain.methods import register_method
 from raytrain.methods.base import Method
-from raytrain.methods.freeze_align import token_width
 from raytrain.models.init import part_init
 from raytrain.models.meta_teacher import MetaTeacher
 from raytrain.teachers.dinov3 import describe
-from raytrain.train.checkpoint import CONFIG, WEIGHTS
-from raytrain.train.dist import gather
+from raytrain.teachers.text import widths
+
+
+class MetaTeacherConfig(Section):
+    """DCLIP's meta-teacher (docs/methods.md#dclip-meta-teacher): the frozen text teacher's tokens and
+    scored image regions through cross-attention, pooled by temperature-scaled attention. Where the
+    paper leaves a choice open the default is ours and the switch is here. Phase 2 refuses a
+    phase-1 checkpoint whose `dclip.meta` differs from its own."""
+
+    regions: Literal["yolo", "grid"] = Field(
+        "yolo", description="yolo: the cached, scored YOLO regions; grid: DINOv3's last patch grid (No YOLO)"
+    )
+    cross_attention: Literal["bidirectional", "text_to_regions", "average", "none"] = Field(
+        "bidirectional", description="the paper's; text→regions alone; averages (No Bidir); regions alone (No CMA)"
+    )
+    heads: int = Field(8, ge=1, description="must divide the text teacher's width (paper: 8 ViT-B, 12 ViT-L)")
+    clusters: int = Field(1, ge=1, description="learned aggregation queries, their pools averaged")
+    temperature: float = Field(0.1, gt=0, description="τ of the aggregation's softmax over cosine similarities")
+    region_weights: tuple[float, float, float] = Field(
+        (1 / 3, 1 / 3, 1 / 3), description="region score weights of (YOLO confidence, box area, text similarity)"
+    )
+
+
+class DCLIPConfig(Section):
+    """DCLIP's two phases: the meta-teacher (phase 1, method dclip_meta) and the student (phase 2,
+    method dclip); both read the teacher cache, and the text side is the frozen text teacher."""
+
+    meta: MetaTeacherConfig = MetaTeacherConfig()
+    teacher_epochs: int = Field(5, ge=1, description="phase 1's epochs (the paper, ViT-B: 5 teacher, 2 student)")
+    teacher_lr: float | None = Field(None, gt=0, description="phase 1's optim.lr; None: optim.lr")
+    teacher_checkpoint: str | None = Field(None, description="a trained phase-1 checkpoint; None: train one first")
+    init_checkpoint: str | None = Field(None, description="the student's phase-start weights (student.*); None: seeded")
+    distill: bool = Field(True, description="off: the No Teacher row, plain fine-tuning without phase 1")
+    distill_weight: float = Field(1.0, ge=0, description="λ_d")
+    anchor_weight: float = Field(0.0, ge=0, description="λ_a of the anchor to the phase-start image encoder; 0: off")
+
+
+def _needs(cfg, meta: bool) -> dict[str, str]:
+    """What a DCLIP phase reads from the cache: the text embedding, and the meta-teacher's inputs."""
+    needs = {"text": cfg.method}
+    if meta:
+        regions = ["yolo"] if cfg.dclip.meta.regions == "yolo" else []
+        needs |= dict.fromkeys(["dinov3", "text_tokens", *regions], cfg.method)
+    return needs
 
 
 def build_meta_teacher(cfg) -> MetaTeacher:
@@ -44,7 +86,7 @@ def build_meta_teacher(cfg) -> MetaTeacher:
         return MetaTeacher(
             cfg.dclip.meta,
             describe(cfg.teachers.dinov3)[0],
-            token_width(cfg.teachers.text),
+            widths(cfg.teachers.text)[1],
             cfg.model.init_temperature,
             cfg.model.max_logit_scale,
         )
@@ -66,28 +108,20 @@ def load_part(module: nn.Module, path: str, prefix: str, cfg, key: str, section:
     """Load a raytrain checkpoint directory's `prefix` weights (local or s3://) into `module`.
     `key` names the setting in errors; `section`, a dotted config section that must be the
     same in the checkpoint's config (what the weights' architecture was built from)."""
-    fs, base = resolve(path, cfg.data.s3)
     try:
-        raw = read_bytes(fs, posixpath.join(base, WEIGHTS))
-        trained = json.loads(read_bytes(fs, posixpath.join(base, CONFIG)))["config"]
-    except FileNotFoundError:
-        raise FileNotFoundError(
-            f"{key} {path!r} is not a raytrain checkpoint directory (it needs {WEIGHTS} and {CONFIG})"
-        ) from None
-    state = torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True)["engine"]["model"]
-    weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
+        state, meta = load(path, cfg.data.s3)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"{key} {path!r}: {e}") from None
+    weights = {k[len(prefix) :]: v for k, v in state["engine"]["model"].items() if k.startswith(prefix)}
     if not weights:
         raise ValueError(f"{key} {path!r} holds no {prefix}* weights")
     if section:
-        wanted, got = cfg, trained
+        wanted, got = cfg, meta["config"]
         for part in section.split("."):
             wanted, got = getattr(wanted, part), got.get(part, {})
         wanted = wanted.model_dump(mode="json")
-        diff = [
-            f"{section}.{k}: checkpoint has {got.get(k)!r}, config wants {v!r}"
-            for k, v in wanted.items()
-            if got.get(k) != v
-        ]
+        diff = [f"{section}.{k}: checkpoint has {got.get(k)!r}, config wants {v!r}" for k, v in wanted.items()]
+        diff = [d for (k, v), d in zip(wanted.items(), diff) if got.get(k) != v]
         if diff:
             raise ValueError(f"{key} {path!r} was trained with another {section}:\n  " + "\n  ".join(diff))
     try:
@@ -102,6 +136,19 @@ class DCLIPMeta(Method):
     embedding and its own learnable temperature. No student; no evaluation (config-checked)."""
 
     has_student = False
+    section, settings = "dclip", DCLIPConfig
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        if cfg.train.eval:
+            raise ValueError(
+                "dclip_meta (DCLIP's phase 1) has no evaluation: its meta-teacher needs each image's caption "
+                "and cached regions; set train.eval=false"
+            )
+
+    @classmethod
+    def needs(cls, cfg) -> dict[str, str]:
+        return _needs(cfg, meta=True)
 
     def __init__(self, cfg, vocab_size: int, pad_id: int = 0):
         super().__init__(cfg, vocab_size, pad_id)
@@ -118,6 +165,12 @@ class DCLIPMeta(Method):
 class DCLIP(Method):
     """Phase 2: the student image encoder; the text side and the meta-teacher are frozen."""
 
+    section, settings = "dclip", DCLIPConfig
+
+    @classmethod
+    def needs(cls, cfg) -> dict[str, str]:
+        return _needs(cfg, meta=cfg.dclip.distill)  # phase 1, which runs first, reads the same
+
     def __init__(self, cfg, vocab_size: int, pad_id: int = 0):
         super().__init__(cfg, vocab_size, pad_id)
         d = cfg.dclip
@@ -125,8 +178,8 @@ class DCLIP(Method):
             load_part(self.student, d.init_checkpoint, "student.", cfg, "dclip.init_checkpoint")
         self.student.text.requires_grad_(False)  # unused: the text side is the frozen text teacher
         with part_init("image_proj", cfg.seed):
-            self.image_proj = nn.Linear(cfg.model.embed_dim, token_width(cfg.teachers.text), bias=False)
-        self.teacher = nn.ModuleDict()  # frozen parts: rebuilt from config and checkpoints, never saved
+            self.image_proj = nn.Linear(cfg.model.embed_dim, widths(cfg.teachers.text)[0], bias=False)
+        self.frozen_parts = nn.ModuleDict()  # rebuilt from config and checkpoints, never saved
         if d.distill:
             if not d.teacher_checkpoint:
                 raise ValueError(
@@ -134,17 +187,16 @@ class DCLIP(Method):
                     "sweep trial (jobs/dclip.py trains phase 1 first), name a phase-1 checkpoint, or set "
                     "dclip.distill=false"
                 )
-            self.teacher["meta"] = build_meta_teacher(cfg)
+            self.frozen_parts["meta"] = build_meta_teacher(cfg)
             load_part(
-                self.teacher["meta"], d.teacher_checkpoint, "meta.", cfg, "dclip.teacher_checkpoint", "dclip.meta"
+                self.frozen_parts["meta"], d.teacher_checkpoint, "meta.", cfg, "dclip.teacher_checkpoint", "dclip.meta"
             )
         if d.anchor_weight > 0:
-            self.teacher["anchor"] = copy.deepcopy(self.student.image)  # the phase-start encoder
-        self.teacher.requires_grad_(False)
-        self.text_teacher = None  # evaluation's text encoder, built on first use (never saved)
+            self.frozen_parts["anchor"] = copy.deepcopy(self.student.image)  # the phase-start encoder
+        self.frozen_parts.requires_grad_(False)
 
-    @staticmethod
-    def preceding_stage(cfg):
+    @classmethod
+    def preceding_stage(cls, cfg):
         """The run to do before this one (raytrain.tune.sweep.run_trial): (its config, the key
         that receives its final checkpoint's path), or None. Phase 1 unless distillation is off
         (No Teacher) or dclip.teacher_checkpoint already names a trained meta-teacher."""
@@ -166,10 +218,10 @@ class DCLIP(Method):
         u = F.normalize(self.image_proj(f), dim=-1)
         target = anchor = None
         with torch.no_grad():
-            if "meta" in self.teacher:
-                target = gather(meta_embedding(self.teacher["meta"], batch, d.meta.regions))
-            if "anchor" in self.teacher:
-                anchor = gather(self.teacher["anchor"](batch["pixels"])[0])
+            if "meta" in self.frozen_parts:
+                target = gather(meta_embedding(self.frozen_parts["meta"], batch, d.meta.regions))
+            if "anchor" in self.frozen_parts:
+                anchor = gather(self.frozen_parts["anchor"](batch["pixels"])[0])
         scale = self.student.logit_scale()
         features = gather(f) if anchor is not None else None
         loss, logs = dclip_student_loss(
@@ -186,6 +238,4 @@ class DCLIP(Method):
         return F.normalize(self.image_proj(self.student.patch_embeddings(pixels)), dim=-1)
 
     def encode_texts(self, tokens, captions):
-        if self.text_teacher is None:
-            self.text_teacher = self.cfg.teachers.text.build().to(tokens.device)
-        return self.text_teacher.encode(list(captions)).to(tokens.device)
+        return self.text_encoder(tokens.device).encode(list(captions)).to(tokens.device)

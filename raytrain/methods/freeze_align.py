@@ -1,4 +1,4 @@
-"""freeze-align (papers/002_*.txt, METHODS.md §6): a frozen image encoder (the DINOv3 teacher)
+"""freeze-align (docs/methods.md#freeze-align): a frozen image encoder (the DINOv3 teacher)
 and a frozen text encoder (the text teacher) aligned by training projectors alone, with the CLIP
 loss and a learnable temperature (raytrain.models.projectors). There is no student.
 
@@ -15,45 +15,57 @@ images and captions (built on first use, never saved) through the same projector
 same outputs: the CLS and that last scale, the first teachers.text.max_tokens tokens.
 """
 
-import json
-from pathlib import Path
-
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 
+from raytrain.config import Section
+from raytrain.dist import gather
 from raytrain.methods import register_method
 from raytrain.methods.clip import CLIP
 from raytrain.models.projectors import FreezeAlignProjectors
 from raytrain.teachers.dinov3 import describe
-from raytrain.train.dist import gather
+from raytrain.teachers.text import widths
 
 
-def token_width(cfg) -> int:
-    """Width of the text teacher's token features (its transformer's hidden size), read from
-    the model directory without loading the weights; `cfg` is a TextTeacherConfig."""
-    from raytrain.teachers.text import shipped_model_dir
+class FreezeAlignConfig(Section):
+    """freeze-align's projectors: token projector P(x) = W x + W₂ GELU(W₁ x) after LayerNorm and
+    dropout. The paper's joint width is its encoders' (1024); the default is the tiny embedded
+    teacher's 64. The temperature is model.init_temperature under model.max_logit_scale."""
 
-    config = (Path(cfg.path).expanduser() if cfg.path else shipped_model_dir()) / "config.json"
-    try:
-        return int(json.loads(config.read_text())["hidden_size"])
-    except (OSError, ValueError, KeyError) as e:
-        raise ValueError(f"teachers.text.path: cannot read hidden_size from {config} ({e})") from None
+    embed_dim: int = Field(64, ge=4, description="joint embedding width")
+    hidden: int | None = Field(None, ge=4, description="non-linear branch and text MLP width; None: embed_dim")
+    residual: bool = Field(True, description="the non-linear branch; off: linear token projectors (ablation)")
+    dropout: float = Field(0.1, ge=0, lt=1, description="before each token projector")
+    local_tokens: bool = Field(True, description="the shared projector on the patch tokens (mean-pooled)")
+    cls_token: bool = Field(True, description="the separate CLS projector (summed with the local one)")
+    text_head: bool = Field(True, description="the 2-layer MLP after the pooled text tokens")
+
+    @model_validator(mode="after")
+    def _some_image_projector(self):
+        if not (self.local_tokens or self.cls_token):
+            raise ValueError("local_tokens and cls_token are both off: the image embedding needs at least one")
+        return self
 
 
 @register_method("freeze_align")
 class FreezeAlign(CLIP):  # CLIP's forward: clip_loss(*self.embed(batch))
     has_student = False
+    section, settings = "freeze_align", FreezeAlignConfig
+
+    @classmethod
+    def needs(cls, cfg) -> dict[str, str]:  # it trains on the encoders' cached outputs only
+        return {"dinov3": "freeze_align", "text_tokens": "freeze_align"}
 
     def __init__(self, cfg, vocab_size: int, pad_id: int = 0):
         super().__init__(cfg, vocab_size, pad_id)
         self.projectors = FreezeAlignProjectors(
             describe(cfg.teachers.dinov3)[0],
-            token_width(cfg.teachers.text),
+            widths(cfg.teachers.text)[1],
             cfg.freeze_align,
             cfg.model.init_temperature,
             cfg.model.max_logit_scale,
             cfg.seed,
         )
-        self.teacher = self.text_teacher = None  # the live encoders, for evaluation only
 
     def embed(self, batch):
         u = self.projectors.encode_image(batch["dinov3_cls"], batch["dinov3_multiscale"][:, -1])
@@ -61,9 +73,7 @@ class FreezeAlign(CLIP):  # CLIP's forward: clip_loss(*self.embed(batch))
         return gather(u), gather(v), self.projectors.logit_scale()
 
     def encode_images(self, pixels):
-        if self.teacher is None:
-            self.teacher = self.cfg.teachers.dinov3.build(self.cfg.data.mean, self.cfg.data.std).to(pixels.device)
-        out = self.teacher(pixels)
+        out = self.dinov3(pixels.device)(pixels)  # the live encoder: evaluation images are not cached
         return self.projectors.encode_image(out.cls, out.multiscale[:, -1])
 
     def encode_patches(self, pixels):
@@ -74,15 +84,12 @@ class FreezeAlign(CLIP):  # CLIP's forward: clip_loss(*self.embed(batch))
         trained. None without local tokens (freeze_align.local_tokens=false)."""
         if self.projectors.image_local is None:
             return None
-        if self.teacher is None:
-            self.teacher = self.cfg.teachers.dinov3.build(self.cfg.data.mean, self.cfg.data.std).to(pixels.device)
-        out, t = self.teacher(pixels), self.teacher
+        t = self.dinov3(pixels.device)
+        out = t(pixels)
         last = t.layers[-1] == t.num_layers
         tokens, side = (out.patches, t.side) if last else (out.multiscale[:, -1], t.grid)
         return F.normalize(self.projectors.image_local(tokens), dim=-1).unflatten(1, (side, side))
 
     def encode_texts(self, tokens, captions):
-        if self.text_teacher is None:
-            self.text_teacher = self.cfg.teachers.text.build().to(tokens.device)
-        feats, mask = self.text_teacher.encode_tokens(list(captions), self.cfg.teachers.text.max_tokens)
+        feats, mask = self.text_encoder(tokens.device).encode_tokens(list(captions), self.cfg.teachers.text.max_tokens)
         return self.projectors.encode_text(feats.to(tokens.device), mask.to(tokens.device))

@@ -1,15 +1,15 @@
-"""The order-R ranking family on a plain student (METHODS.md §3): CLIP + the ranking-
-consistency loss of order R. `loss.order` 0 = CLIP, 1 = RankCLIP, ≥ 2 = high-order PL."""
+"""The order-R ranking family on a plain student (docs/methods.md#rankclip-and-the-order-r-family):
+CLIP + the ranking-consistency loss of order R. `loss.order` 0 = CLIP, 1 = RankCLIP, ≥ 2 = high-order PL."""
 
 import torch
 import torch.nn.functional as F
 
+from raytrain.dist import gather
 from raytrain.losses.contrastive import clip_loss
 from raytrain.losses.ranking import Transition, ranking_consistency_loss
 from raytrain.methods import register_method
 from raytrain.methods.base import Method
 from raytrain.models.init import part_init
-from raytrain.train.dist import gather
 
 
 def ramp(epoch: float, epochs: int) -> float:
@@ -19,6 +19,11 @@ def ramp(epoch: float, epochs: int) -> float:
 
 @register_method("rankclip")
 class RankCLIP(Method):
+    @classmethod
+    def needs(cls, cfg) -> dict[str, str]:
+        by_teacher = cfg.loss.target == "teacher" and cfg.loss.order >= 1
+        return {"dinov3": "loss.target=teacher"} if by_teacher and cfg.cache.use else {}  # else the live teacher
+
     def __init__(self, cfg, vocab_size: int, pad_id: int = 0):
         super().__init__(cfg, vocab_size, pad_id)
         loss = cfg.loss
@@ -37,9 +42,8 @@ class RankCLIP(Method):
                 self.text_transition = Transition(*args)
         else:
             self.image_transition = self.text_transition = None
-        # on-the-fly teacher only when targets need it and no cache supplies its outputs
-        live = loss.target == "teacher" and loss.order >= 1 and not cfg.cache.use
-        self.teacher = cfg.teachers.dinov3.build(cfg.data.mean, cfg.data.std) if live else None
+        if loss.target == "teacher" and loss.order >= 1 and not cfg.cache.use:
+            self.dinov3()  # targets from the live teacher: built now, so the engine moves it with the method
 
     def lr_scales(self) -> dict[str, float]:
         scale = self.cfg.loss.transition_lr_scale

@@ -1,4 +1,4 @@
-"""TIPSv2 (papers/003_*.txt, METHODS.md §6): contrastive image-text training plus patch-level
+"""TIPSv2 (docs/methods.md#tipsv2): contrastive image-text training plus patch-level
 distillation from the frozen DINOv3 teacher and the iBOT masked-image objective against an
 EMA teacher, which iBOT++ extends to every patch token; captions are drawn per sample and step
 across the data's granularities.
@@ -10,23 +10,28 @@ u is the full view's global embedding and v_c the text embedding of the caption 
 for the sample. h is a prototype head (K prototypes), h_ema its EMA: updated after every
 optimizer step with a momentum going base → final on a cosine over the run; the teacher's
 distributions are centred and sharpened with iBOT's temperature warmup. The paper's summary
-names these parts without details: each open choice is a `tipsv2.*` switch (raytrain.config),
+names these parts without details: each open choice is a `tipsv2.*` switch (TIPSv2Config below),
 among them the EMA of the head only, the teacher backbone being the student's own
-(METHODS.md), or of the whole image tower (iBOT); plain iBOT or iBOT++. The patch distillation
-matches the full view's tokens, average-pooled to the teacher's grid, to the teacher's last
-multi-scale map (cached `dinov3_multiscale`, or the live teacher), as DINORANKCLIP does.
+(docs/methods.md#masked-image-objective), or of the whole image tower (iBOT); plain iBOT or
+iBOT++. The patch distillation matches the full view's tokens, average-pooled to the teacher's
+grid, to the teacher's last multi-scale map (cached `dinov3_multiscale`, or the live teacher),
+as DINORANKCLIP does.
 """
 
 import contextlib
 import copy
 import zlib
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
+from raytrain.config import Section
+from raytrain.dist import gather
 from raytrain.losses.contrastive import clip_loss
 from raytrain.losses.distill import (
     ema_momentum,
@@ -41,7 +46,6 @@ from raytrain.methods.base import Method
 from raytrain.models.encoders import pool_tokens
 from raytrain.models.init import part_init
 from raytrain.teachers.dinov3 import describe
-from raytrain.train.dist import gather
 
 
 class PrototypeHead(nn.Module):
@@ -109,20 +113,80 @@ def _gathered(module: nn.Module):
     return GatheredParameters(params)
 
 
+class TIPSv2Config(Section):
+    """TIPSv2's parts. Its paper names them (patch-level distillation, iBOT++, a modified EMA,
+    caption sampling across granularities) without values: the defaults are iBOT's, and each
+    choice it leaves open is a switch here."""
+
+    captions: tuple[str, ...] = Field(
+        ("caption", "caption_short"), min_length=1, description="caption columns drawn per sample and step"
+    )
+    caption_weights: tuple[float, ...] | None = Field(None, description="their draw weights; None: uniform (seeded)")
+    patch_weight: float = Field(1.0, ge=0, description="λ_p: student patch tokens → DINOv3 patch tokens (0: off)")
+    ibot_weight: float = Field(1.0, ge=0, description="λ_m: the masked-image objective (0: off)")
+    ibot_plus_plus: bool = Field(True, description="iBOT++: visible tokens contribute too; off: plain iBOT")
+    mask_ratio: tuple[float, float] = Field((0.1, 0.5), description="a masked image's ratio, drawn uniformly")
+    mask_probability: float = Field(0.5, ge=0, le=1, description="share of images masked (random patches)")
+    prototypes: int = Field(256, ge=2, description="K prototypes (iBOT: 8192; the embedded scenes have few concepts)")
+    head_hidden: int = Field(256, ge=4, description="prototype head MLP width")
+    head_bottleneck: int = Field(64, ge=4, description="its L2-normalized output, compared with the prototypes")
+    student_temp: float = Field(0.1, gt=0)
+    teacher_temp: tuple[float, float] = Field((0.04, 0.07), description="warmed up linearly (iBOT)")
+    teacher_temp_warmup: float = Field(0.3, ge=0, le=1, description="share of the EMA horizon the warmup takes")
+    center_momentum: float = Field(0.9, ge=0, lt=1)
+    ema_scope: Literal["head", "full"] = Field(
+        "head", description="head: only the prototype head is an EMA (backbone shared); full: iBOT's tower EMA too"
+    )
+    ema_momentum: tuple[float, float] = Field((0.996, 1.0), description="base → final, cosine over ema_steps")
+    ema_steps: int | None = Field(None, ge=1, description="the schedules' horizon in steps; None: the run's length")
+
+    @model_validator(mode="after")
+    def _ranges(self):
+        w = self.caption_weights
+        if w is not None and (len(w) != len(self.captions) or min(w) < 0 or sum(w) <= 0):
+            raise ValueError(
+                f"caption_weights {w} must be one non-negative weight per column of {self.captions}, not all 0"
+            )
+        if not 0 <= self.mask_ratio[0] <= self.mask_ratio[1] <= 1:
+            raise ValueError(f"mask_ratio {self.mask_ratio} must be (low, high) with 0 <= low <= high <= 1")
+        if not 0 <= self.ema_momentum[0] <= self.ema_momentum[1] <= 1:
+            raise ValueError(f"ema_momentum {self.ema_momentum} must be (base, final) with 0 <= base <= final <= 1")
+        if min(self.teacher_temp) <= 0:
+            raise ValueError(f"teacher_temp {self.teacher_temp} must be positive")
+        return self
+
+
 @register_method("tipsv2")
 class TIPSv2(Method):
+    section, settings = "tipsv2", TIPSv2Config
+
+    @classmethod
+    def check(cls, cfg) -> None:
+        t = cfg.tipsv2
+        if missing := [c for c in t.captions if c != cfg.data.caption_column and c not in cfg.data.extra_captions]:
+            raise ValueError(f"tipsv2.captions reads {missing}: add them to data.extra_captions")
+        if t.ibot_weight and t.ema_steps is None and cfg.data.path != "embedded":
+            raise ValueError(
+                "tipsv2.ema_steps: set the EMA/temperature horizon (≈ train.epochs × rows / train.batch_size) "
+                "for data other than the embedded default"
+            )
+
+    @classmethod
+    def needs(cls, cfg) -> dict[str, str]:
+        return {"dinov3": "tipsv2.patch_weight"} if cfg.tipsv2.patch_weight and cfg.cache.use else {}
+
     def __init__(self, cfg, vocab_size: int, pad_id: int = 0):
         super().__init__(cfg, vocab_size, pad_id)
         t, width = cfg.tipsv2, cfg.model.image.width
         self.caption_keys = ["tokens" if c == cfg.data.caption_column else f"tokens_{c}" for c in t.captions]
         self.caption_weights = t.caption_weights or (1.0,) * len(t.captions)
-        self.project = self.teacher = None
+        self.project = None
         if t.patch_weight:
             dim, _, self.grid = describe(cfg.teachers.dinov3)
             with part_init("patch_projector", cfg.seed):
                 self.project = nn.Linear(width, dim)
             if not cfg.cache.use:
-                self.teacher = cfg.teachers.dinov3.build(cfg.data.mean, cfg.data.std)
+                self.dinov3()  # the live teacher, built now so the engine moves it with the method
         self.head = self.mask_token = self.ema = None
         if t.ibot_weight:
             with part_init("ibot_head", cfg.seed):

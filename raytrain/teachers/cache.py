@@ -38,6 +38,7 @@ from raytrain.data.pipeline import DataSource, prepare
 from raytrain.data.sources import StorageError, exists, read_bytes, resolve, uri, write_atomic
 from raytrain.data.transforms import decode_image, normalize
 from raytrain.log import log
+from raytrain.teachers import build_dinov3, build_text, build_yolo
 
 SCHEMA_VERSION = 2  # 2: shards record the rows and id digest of their training file
 MANIFEST = "manifest.json"
@@ -58,9 +59,9 @@ class TeacherSet:
         self.names, self.device = tuple(names), device
         data = cfg.data
         needs_dinov3 = "dinov3" in names or "yolo" in names  # YOLO region crops use DINOv3 features
-        self.dinov3 = cfg.teachers.dinov3.build(data.mean, data.std).to(device) if needs_dinov3 else None
-        self.text = cfg.teachers.text.build() if {"text", "text_tokens"} & set(names) else None
-        self.yolo = cfg.teachers.yolo.build() if "yolo" in names else None
+        self.dinov3 = build_dinov3(cfg.teachers.dinov3, data.mean, data.std).to(device) if needs_dinov3 else None
+        self.text = build_text(cfg.teachers.text) if {"text", "text_tokens"} & set(names) else None
+        self.yolo = build_yolo(cfg.teachers.yolo) if "yolo" in names else None
         self.max_tokens = cfg.teachers.text.max_tokens
 
     def fingerprints(self) -> dict[str, str]:

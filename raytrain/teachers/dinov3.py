@@ -4,7 +4,7 @@ The teacher takes images as the data pipeline normalized them, maps them back to
 resizes to its own resolution and re-normalizes with the model's constants, then returns
 the CLS token, the last-layer patch tokens and a multi-scale stack of patch maps:
 
-    teacher = TeacherConfig(size="tiny").build()
+    teacher = build_dinov3(DINOv3Config(size="tiny"))  # raytrain.teachers.build_dinov3
     out = teacher(pixels)  # out.cls [B, D], out.patches [B, P, D], out.multiscale [B, L, g*g, D]
 
 Weights are random (seeded, so every worker builds the same teacher) unless `cfg.path`
@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raytrain.teachers import weights_hash
+from raytrain.teachers.weights import weights_hash
 
 if TYPE_CHECKING:
     from transformers import DINOv3ViTModel
@@ -35,7 +35,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 # Released DINOv3 ViTs: patch 16, MLP ratio 4, 4 register tokens. "tiny" is a CPU-test size
 # whose patch 8 gives a 4x4 grid at the default 32x32 image size.
-SIZES: dict[str, dict[str, int]] = {
+VIT_SIZES: dict[str, dict[str, int]] = {
     "tiny": dict(hidden_size=64, num_attention_heads=2, num_hidden_layers=4, patch_size=8),
     "vits16": dict(hidden_size=384, num_attention_heads=6, num_hidden_layers=12, patch_size=16),
     "vitb16": dict(hidden_size=768, num_attention_heads=12, num_hidden_layers=12, patch_size=16),
@@ -61,8 +61,8 @@ def random_model(size: str, image_size: int) -> DINOv3ViTModel:
     from transformers import DINOv3ViTConfig, DINOv3ViTModel  # 3 s of import: only where a teacher is built
 
     config = DINOv3ViTConfig(
-        **SIZES[size],
-        intermediate_size=4 * SIZES[size]["hidden_size"],
+        **VIT_SIZES[size],
+        intermediate_size=4 * VIT_SIZES[size]["hidden_size"],
         num_register_tokens=4,
         image_size=image_size,
     )
@@ -104,7 +104,7 @@ def describe(cfg) -> tuple[int, int, int]:
         config = json.loads((Path(cfg.path) / "config.json").read_text())
         dim, depth = config["hidden_size"], config["num_hidden_layers"]
     else:
-        dim, depth = SIZES[cfg.size]["hidden_size"], SIZES[cfg.size]["num_hidden_layers"]
+        dim, depth = VIT_SIZES[cfg.size]["hidden_size"], VIT_SIZES[cfg.size]["num_hidden_layers"]
     return dim, len(cfg.layers or default_layers(depth)), cfg.grid
 
 
@@ -114,16 +114,15 @@ class DINOv3Teacher(nn.Module):
     def __init__(
         self,
         cfg,
+        weights: str | None = None,
         data_mean: Sequence[float] = (0.5, 0.5, 0.5),
         data_std: Sequence[float] = (0.5, 0.5, 0.5),
     ):
+        """`cfg`: teachers.dinov3; `weights`: a local save_pretrained directory (raytrain.teachers.
+        build_dinov3 resolves `cfg.path`, the embedded teacher included), None for random weights."""
         super().__init__()
-        if cfg.path == EMBEDDED:
-            from raytrain.teachers.embedded import ensure_teacher
-
-            self.model, mean, std = load_model(str(ensure_teacher(cfg.size, cfg.image_size)))
-        elif cfg.path:
-            self.model, mean, std = load_model(cfg.path)
+        if weights:
+            self.model, mean, std = load_model(weights)
         else:
             self.model, mean, std = random_model(cfg.size, cfg.image_size), IMAGENET_MEAN, IMAGENET_STD
         config = self.model.config

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from raytrain.data.synthetic import BACKGROUNDS, COLORS, SHAPES, SIZES, TEXTURES, ensure_dataset
 from raytrain.data.transforms import decode_image, normalize
+from raytrain.teachers.dinov3 import IMAGENET_MEAN, IMAGENET_STD, random_model
 
 RECIPE_VERSION = 1
 # The teacher's own data: never a training set's seed (the default data.seed is 0).
@@ -106,8 +107,6 @@ def ensure_teacher(
 
 
 def _train(spec: dict, root: Path, out: Path) -> None:
-    from raytrain.teachers.dinov3 import IMAGENET_MEAN, IMAGENET_STD, random_model
-
     data = ensure_dataset(
         root, spec["data"]["n_train"], spec["data"]["n_eval"], spec["data"]["seed"], spec["image_size"]
     )

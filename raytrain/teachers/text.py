@@ -20,13 +20,14 @@ pooling; embeddings are normalized in `encode` either way.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from raytrain.teachers import weights_hash
+from raytrain.teachers.weights import weights_hash
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -48,17 +49,39 @@ def shipped_model_dir() -> Path:
     return model_dir
 
 
+def model_dir(path: str | None) -> Path:
+    """The model directory of teachers.text.path (None: the shipped all-MiniLM-L6-v2)."""
+    if path is None:
+        return shipped_model_dir()
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(f"teachers.text.path {path!r} does not exist or is not a directory")
+    return root
+
+
+def widths(cfg) -> tuple[int, int]:
+    """(sentence embedding width, token feature width) of teachers.text (`cfg`), read from its
+    model directory without loading the weights: the token width is the transformer's hidden
+    size; the embedding width is the last Dense module's output, if the model has one, else the same."""
+    root = model_dir(cfg.path)
+    try:
+        token = int(json.loads((root / "config.json").read_text())["hidden_size"])
+        modules = json.loads((root / "modules.json").read_text()) if (root / "modules.json").is_file() else []
+        dense = [m for m in modules if m.get("type", "").endswith(".Dense")]
+        embedding = (
+            int(json.loads((root / dense[-1]["path"] / "config.json").read_text())["out_features"]) if dense else token
+        )
+    except (OSError, ValueError, KeyError) as e:
+        raise ValueError(f"teachers.text.path: cannot read the model's widths under {root} ({e})") from None
+    return embedding, token
+
+
 class TextTeacher(nn.Module):
     """Frozen sentence encoder. Always in eval mode, never requires grad, encodes under no_grad."""
 
     def __init__(self, path: str | None = None, device: str | torch.device = "cpu"):
         super().__init__()
-        if path is None:
-            root = shipped_model_dir()
-        else:
-            root = Path(path).expanduser()
-            if not root.is_dir():
-                raise FileNotFoundError(f"teachers.text.path {path!r} does not exist or is not a directory")
+        root = model_dir(path)
         from sentence_transformers import SentenceTransformer
 
         self.path = str(root)

@@ -47,7 +47,7 @@ if not os.environ.get("YOLO_CONFIG_DIR"):
 import ultralytics  # noqa: E402  (after the environment above)
 from ultralytics import YOLO  # noqa: E402
 
-from raytrain.teachers import weights_hash  # noqa: E402
+from raytrain.teachers.weights import weights_hash  # noqa: E402
 
 SEED = 0
 # Settings that make ultralytics contact a server (or a third-party logger) when on.

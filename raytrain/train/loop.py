@@ -12,15 +12,15 @@ import ray.train
 import ray.train.torch
 import torch
 
+from raytrain import checkpoint
+from raytrain.checkpoint import get_rng_state, set_rng_state
 from raytrain.config import make_config
 from raytrain.data.pipeline import DataSource
 from raytrain.data.schema import SKIP_REASONS
+from raytrain.dist import all_sum, gather_objects
 from raytrain.log import log, set_level
 from raytrain.methods import build_method
-from raytrain.train import checkpoint
-from raytrain.train.checkpoint import get_rng_state, set_rng_state
-from raytrain.train.dist import all_sum, gather_objects
-from raytrain.train.engine import build_engine
+from raytrain.train.engines import build_engine
 
 ROW_INFO = ("id", "path", *SKIP_REASONS)  # batch columns that are not model inputs
 DEEPSPEED_DIR = "deepspeed"  # DeepSpeed's sharded states inside a checkpoint
@@ -60,7 +60,7 @@ def train_loop_per_worker(payload: dict) -> None:
         with resumed.as_directory() as d:
             saved, _ = checkpoint.load(d)
             sharded = Path(d) / DEEPSPEED_DIR
-            if hasattr(engine, "load") and sharded.is_dir() and saved["progress"].get("world_size") == world:
+            if engine.sharded and sharded.is_dir() and saved["progress"].get("world_size") == world:
                 engine.load(sharded)  # DeepSpeed's own states: optimizer shards included
             else:  # DDP, or DeepSpeed at another world size: weights, schedule, steps
                 engine.load_state_dict(saved["engine"])
@@ -96,7 +96,7 @@ def train_loop_per_worker(payload: dict) -> None:
             inputs = {k: torch.from_numpy(v[keep]).to(device) for k, v in batch.items() if k not in ROW_INFO}
             # one optimizer step; DeepSpeed's gradient accumulation splits it into micro-batches
             # (the last one's loss and logs are reported)
-            for micro in _split(inputs, getattr(engine, "accumulation", 1)):
+            for micro in _split(inputs, engine.accumulation):
                 loss, logs = engine(micro, 1 + epoch + i / steps_per_epoch)
                 if not torch.isfinite(loss):
                     raise FloatingPointError(
@@ -177,7 +177,7 @@ def report(
             checkpoint.save(
                 ckpt, {"engine": state, "progress": progress, "rng": rngs}, cfg, {"source": payload["source"]}
             )
-        if hasattr(engine, "save"):
+        if engine.sharded:
             engine.save(ckpt / DEEPSPEED_DIR)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(ckpt) if ckpt.exists() else None)
 

@@ -4,7 +4,7 @@ A space file is data:
 
     name: order_sweep
     config: {...}              # nested Config values shared by every trial
-    variants: {full: {}, no_gate: {fusion.gate: false}}   # optional: named override sets
+    variants: {full: {}, no_gate: {dinorankclip.gate: false}}   # optional: named override sets
     grid: {loss.order: [0, 1, 2], seed: [0, 1, 2]}   # dotted keys (and `variant`); the cross product
     group: loss.order          # the report's rows
     metrics: [mean_r@1, ...]   # the report's columns
@@ -93,10 +93,12 @@ def resolve_space(space: Space, overrides: dict[str, Any], where: str) -> tuple[
     base = make_config(space.config, config_overrides)
     keys = list(space.grid)
     trials = [dict(zip(keys, values)) for values in itertools.product(*space.grid.values())]
+    from raytrain.train.engines import check as check_engine  # torch: only when a sweep is read
+
     for params in trials:
         try:
-            trial_overrides(params, space.variants, base)
-        except ConfigError as e:
+            check_engine(trial_overrides(params, space.variants, base))  # e.g. DeepSpeed's batch split
+        except ValueError as e:  # ConfigError included
             raise ConfigError(f"space {where}, trial {params}: {e}") from None
     if space.group not in space.grid:
         raise ConfigError(f"space {where}: group {space.group!r} is not a grid key ({', '.join(keys)})")
@@ -208,8 +210,7 @@ def fit_run(cfg: Config, name: str, storage: str, source, cache=None, callbacks=
     from raytrain.methods import method_class
     from raytrain.train.loop import train_loop_per_worker, worker_config
 
-    declare = getattr(method_class(cfg.method), "preceding_stage", None)
-    if declare is not None and (stage := declare(cfg)) is not None:
+    if (stage := method_class(cfg.method).preceding_stage(cfg)) is not None:
         stage_cfg, key = stage
         done = fit_run(stage_cfg, f"{name}-{stage_cfg.method}", storage, source, cache)
         if done.checkpoint is None:

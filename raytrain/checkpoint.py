@@ -1,10 +1,12 @@
 """Checkpoints: a directory with the method's weights and the config that built it, written
-atomically (temp dir, then rename) and loaded with weights_only=True."""
+atomically (temp dir, then rename) and read with weights_only=True, from local disk or S3."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import posixpath
 import random
 import shutil
 import tempfile
@@ -12,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
+
+from raytrain.data.sources import read_bytes, resolve
 
 WEIGHTS, CONFIG = "model.pt", "config.json"
 
@@ -30,13 +34,17 @@ def save(directory: str | Path, state: dict, cfg, extra: dict | None = None) -> 
     return directory
 
 
-def load(directory: str | Path) -> tuple[dict, dict]:
-    """(state, metadata with "config") from a checkpoint directory."""
-    directory = Path(directory)
-    if not (directory / CONFIG).is_file() or not (directory / WEIGHTS).is_file():
-        raise FileNotFoundError(f"{directory} is not a raytrain checkpoint directory (it needs {CONFIG} and {WEIGHTS})")
-    meta = json.loads((directory / CONFIG).read_text())
-    return torch.load(directory / WEIGHTS, map_location="cpu", weights_only=True), meta
+def load(path: str | Path, s3=None) -> tuple[dict, dict]:
+    """(state, metadata with "config") of a checkpoint directory, local or s3:// (`s3`: data.s3)."""
+    fs, base = resolve(str(path), s3)
+    try:
+        meta = json.loads(read_bytes(fs, posixpath.join(base, CONFIG)))
+        raw = read_bytes(fs, posixpath.join(base, WEIGHTS))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{path} is not a raytrain checkpoint directory (it needs {CONFIG} and {WEIGHTS})"
+        ) from None
+    return torch.load(io.BytesIO(raw), map_location="cpu", weights_only=True), meta
 
 
 def get_rng_state() -> dict:

@@ -1,17 +1,8 @@
-"""The optimization engine behind one small interface, so DeepSpeed can replace DDP:
-
-    loss, logs = engine(batch, epoch)     # forward through the (wrapped) method
-    stats = engine.step(loss)             # backward, clip, optimizer and LR schedule
-    engine.state_dict() / engine.load_state_dict(state)
-
-`build_engine` picks the engine named by `train.engine` ("ddp" | "deepspeed") and prints
-one line saying which, with its settings; it never falls back silently.
-
-DeepSpeedEngine adds `save(dir)` / `load(dir)`: DeepSpeed's own sharded checkpoints
-(every rank calls them; they load only at the same world size). Its `state_dict()` is
-the consolidated fp32 module state (world-size independent); with ZeRO ≥ 1 and more than
-one rank it is a collective, so every rank must call it.
-"""
+"""DeepSpeed (ZeRO 0–3, fp32/bf16/fp16, gradient accumulation, optimizer offload) behind the
+Engine interface. `save(dir)` / `load(dir)` are DeepSpeed's own sharded checkpoints (every rank
+calls them; they load only at the same world size). `state_dict()` is the consolidated fp32
+module state (world-size independent); with ZeRO ≥ 1 and more than one rank it is a
+collective, so every rank must call it. Importing this module does not import deepspeed."""
 
 from __future__ import annotations
 
@@ -21,51 +12,10 @@ import os
 from pathlib import Path
 
 import torch
-from torch.nn.parallel import DistributedDataParallel
 
+from raytrain.dist import world_size
 from raytrain.log import log
-from raytrain.train.dist import world_size
-
-
-class DDPEngine:
-    """Plain PyTorch: DDP over the process group Ray Train set up (gloo on CPU, NCCL on GPU)."""
-
-    kind = "ddp"
-
-    def __init__(self, method: torch.nn.Module, cfg, total_steps: int, device: torch.device):
-        self.module = method.to(device)
-        self.model = DistributedDataParallel(method) if world_size() > 1 else method
-        self.optimizer = cfg.optim.build(method, method.lr_scales())
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: cfg.optim.lr_at(s, total_steps))
-        self.grad_clip = cfg.optim.grad_clip
-
-    def __call__(self, batch, epoch: float):
-        return self.model(batch, epoch)
-
-    def step(self, loss: torch.Tensor) -> dict[str, float]:
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        params = [p for p in self.module.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip or float("inf"))
-        self.optimizer.step()
-        self.scheduler.step()
-        self.module.after_step()
-        return {"lr": self.scheduler.get_last_lr()[0], "grad_norm": float(norm)}
-
-    def state_dict(self) -> dict:
-        return {
-            "model": self.module.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-        }
-
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-
-
-# ----------------------------------------------------------------------------- DeepSpeed
+from raytrain.train.optim import build_optimizer, build_schedule
 
 _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -73,7 +23,7 @@ _DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 def deepspeed_config(cfg, world_size: int) -> dict:
     """DeepSpeed's JSON config from the typed config (train.batch_size, train.deepspeed.*,
     optim.grad_clip). The optimizer and LR schedule are not in it: DeepSpeedEngine passes
-    the torch optimizer of `optim.build` and our warmup+cosine LambdaLR to
+    the torch optimizer of `build_optimizer` and our warmup+cosine LambdaLR to
     `deepspeed.initialize`, so DDP and DeepSpeed step with the same optimizer (and
     DeepSpeed compiles no fused_adam). Raises ValueError naming the fields that conflict."""
     ds = cfg.train.deepspeed
@@ -177,6 +127,17 @@ class DeepSpeedEngine:
     G-th call (`step` then returns the new lr and grad norm; in between, the last ones)."""
 
     kind = "deepspeed"
+    sharded = True  # save()/load(): DeepSpeed's own checkpoints, optimizer shards included
+
+    @staticmethod
+    def check(cfg) -> None:
+        """Derive DeepSpeed's JSON for train.num_workers ranks: ValueError naming the fields that
+        conflict, before Ray starts (a rank count that differs at run time is checked again)."""
+        deepspeed_config(cfg, cfg.train.num_workers)
+
+    def summary(self) -> str:
+        clip = " (gradient clipping by raytrain: DeepSpeed gets 0)" if self._own_clip else ""
+        return f"config={json.dumps(self.config, sort_keys=True)}{clip}"
 
     def __init__(self, method: torch.nn.Module, cfg, total_steps: int, device: torch.device):
         try:
@@ -213,8 +174,8 @@ class DeepSpeedEngine:
         if device.type == "cuda":
             torch.cuda.set_device(device)
 
-        optimizer = cfg.optim.build(method, method.lr_scales())
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: cfg.optim.lr_at(s, total_steps))
+        optimizer = build_optimizer(cfg.optim, method, method.lr_scales())
+        scheduler = build_schedule(cfg.optim, optimizer, total_steps)
         try:
             with _broadcastable_scalars(deepspeed):
                 engine, _, _, _ = deepspeed.initialize(
@@ -387,22 +348,3 @@ class DeepSpeedEngine:
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory} (tag {tag or 'from the latest file'})")
         return client or {}
-
-
-def build_engine(method, cfg, total_steps: int, device) -> DDPEngine | DeepSpeedEngine:
-    """The engine named by cfg.train.engine; prints one line with its settings."""
-    name = cfg.train.engine
-    if name == "deepspeed":
-        engine = DeepSpeedEngine(method, cfg, total_steps, device)
-        clip = " (gradient clipping by raytrain: DeepSpeed gets 0)" if engine._own_clip else ""
-        log.info(f"engine=deepspeed world_size={world_size()} config={json.dumps(engine.config, sort_keys=True)}{clip}")
-        return engine
-    if name == "ddp":
-        engine = DDPEngine(method, cfg, total_steps, device)
-        clip = cfg.optim.grad_clip
-        log.info(
-            f"engine=ddp world_size={world_size()} optimizer={cfg.optim.name} "
-            f"grad_clip={clip if clip else 'off'} precision=fp32"
-        )
-        return engine
-    raise ValueError(f"unknown train.engine {name!r}; expected 'ddp' or 'deepspeed'")
