@@ -12,11 +12,9 @@ embedded default's own concepts (colours, shapes, sizes, textures, backgrounds, 
 import argparse
 import sys
 
-from raytrain.config import ConfigError, make_config
-from raytrain.data.curation import CurationError, curate, default_concepts, load_concepts
-from raytrain.data.schema import SchemaError
-from raytrain.data.sources import StorageError
-from raytrain.log import log
+from raytrain.cli import reported
+from raytrain.config import make_config
+from raytrain.data.curation import curate, default_concepts, load_concepts
 
 
 def main(argv: list[str]) -> int:
@@ -27,19 +25,13 @@ def main(argv: list[str]) -> int:
     p.add_argument("--seed", type=int, default=0, help="which rows a capped concept takes")
     p.add_argument("overrides", nargs="*", help="data.* overrides choosing the source (data.path=...)")
     args = p.parse_args(argv)
-    try:
+
+    def run():
         data = make_config({}, args.overrides).data
-        curate(
-            data,
-            args.out,
-            load_concepts(args.concepts) if args.concepts else default_concepts(data),
-            args.cap,
-            args.seed,
-        )
-    except (ConfigError, CurationError, SchemaError, StorageError, FileNotFoundError) as e:
-        log.error(f"error: {e}")
-        return 2
-    return 0
+        concepts = load_concepts(args.concepts) if args.concepts else default_concepts(data)
+        curate(data, args.out, concepts, args.cap, args.seed)
+
+    return reported(run)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from raytrain.cli import reported
 from raytrain.config import ConfigError, DINOv3Config, TextTeacherConfig, make_config
 from raytrain.eval.select import encoder_table
 from raytrain.log import log
@@ -36,7 +37,8 @@ def main(argv: list[str]) -> int:
     p.add_argument("--out", default="results/select_encoders.csv")
     p.add_argument("overrides", nargs="*")
     args = p.parse_args(argv)
-    try:
+
+    def run():
         cfg = make_config({}, args.overrides)
         size = cfg.teachers.dinov3.image_size
         images = {
@@ -48,16 +50,14 @@ def main(argv: list[str]) -> int:
             for n, v in (candidates(args.text, "text") or {"minilm": "default"}).items()
         }
         table = encoder_table(cfg.data, images, texts, args.n)
-    except ConfigError as e:
-        log.error(f"error: {e}")
-        return 2
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(args.out, index=False)
-    print("| image encoder | text encoder | CKA |\n|---|---|---|")
-    for row in table.itertuples():
-        print(f"| {row.image_encoder} | {row.text_encoder} | {row.cka:.4f} |")
-    log.info(f"table written to {args.out}")
-    return 0
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.out, index=False)
+        print("| image encoder | text encoder | CKA |\n|---|---|---|")
+        for row in table.itertuples():
+            print(f"| {row.image_encoder} | {row.text_encoder} | {row.cka:.4f} |")
+        log.info(f"table written to {args.out}")
+
+    return reported(run)
 
 
 if __name__ == "__main__":

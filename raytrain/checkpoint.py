@@ -5,33 +5,24 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import posixpath
 import random
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from raytrain.data.sources import read_bytes, resolve
+from raytrain.data.sources import atomic_dir, read_bytes, resolve
 
 WEIGHTS, CONFIG = "model.pt", "config.json"
 
 
 def save(directory: str | Path, state: dict, cfg, extra: dict | None = None) -> Path:
     """Write state + config under `directory` (created; must not exist yet) atomically."""
-    directory = Path(directory)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=directory.parent))
-    try:
+    with atomic_dir(directory) as tmp:
         torch.save(state, tmp / WEIGHTS)
         (tmp / CONFIG).write_text(json.dumps({"config": cfg.model_dump(mode="json"), **(extra or {})}, indent=2))
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+    return Path(directory)
 
 
 def load(path: str | Path, s3=None) -> tuple[dict, dict]:

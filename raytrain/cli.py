@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 
-from raytrain.config import ConfigError
+from raytrain.config import ConfigError, load_config
 from raytrain.data.schema import SchemaError
 from raytrain.data.sources import StorageError
 from raytrain.log import log
@@ -83,41 +84,63 @@ def main(argv: list[str] | None = None) -> int:
     data.add_argument("--image-size", type=int, default=32)
 
     args = parser.parse_args(argv)
+    return reported(lambda: COMMANDS[args.command](args))
+
+
+def reported(run: Callable[[], object]) -> int:
+    """Exit status of `run()`: 0, or 2 after one logged line when it raises an error the user can
+    fix (config, data schema, storage, a missing file, curation); anything else is a bug and
+    keeps its traceback."""
+    from raytrain.data.curation import CurationError
+
     try:
-        if args.command == "sweep":
-            from raytrain.tune.sweep import run_sweep
-
-            space = args.space or (None if args.resume else "tune_spaces/order_sweep.yaml")
-            report = run_sweep(space, args.overrides, args.resume, args.profile)
-            log.info(f"report written to {report}")
-        elif args.command == "report":
-            from raytrain.tune.sweep import report_experiment
-
-            log.info(f"report written to {report_experiment(args.experiment, args.out)}")
-        elif args.command == "cache":
-            from raytrain.config import load_config
-            from raytrain.teachers.cache import build_cache
-
-            build_cache(load_config(args.config, args.overrides))
-        elif args.command == "export":
-            from raytrain.export import export
-
-            log.info(f"student exported to {export(args.checkpoint, args.out)}")
-        elif args.command == "eval":
-            from raytrain.config import load_config
-            from raytrain.eval.run import run_eval
-
-            summary = run_eval(args.model, load_config(args.config, args.overrides), args.out, args.parallel)
-            log.info(f"evaluation written to {summary}")
-        elif args.command == "data":
-            from raytrain.data.synthetic import make_dataset
-
-            manifest = make_dataset(args.out_dir, args.n_train, args.n_eval, args.seed, args.image_size)
-            log.info(f"dataset in {args.out_dir}: {manifest['counts']}")
-    except (ConfigError, SchemaError, StorageError, FileNotFoundError) as e:  # CacheMismatch is a ConfigError
+        run()
+    except (ConfigError, SchemaError, StorageError, FileNotFoundError, CurationError) as e:  # CacheMismatch: Config
         log.error(f"error: {e}")
         return 2
     return 0
+
+
+def _sweep(args) -> None:
+    from raytrain.tune.sweep import run_sweep
+
+    space = args.space or (None if args.resume else "tune_spaces/order_sweep.yaml")
+    log.info(f"report written to {run_sweep(space, args.overrides, args.resume, args.profile)}")
+
+
+def _report(args) -> None:
+    from raytrain.tune.sweep import report_experiment
+
+    log.info(f"report written to {report_experiment(args.experiment, args.out)}")
+
+
+def _cache(args) -> None:
+    from raytrain.teachers.cache import build_cache
+
+    build_cache(load_config(args.config, args.overrides))
+
+
+def _export(args) -> None:
+    from raytrain.export import export
+
+    log.info(f"student exported to {export(args.checkpoint, args.out)}")
+
+
+def _eval(args) -> None:
+    from raytrain.eval.run import run_eval
+
+    summary = run_eval(args.model, load_config(args.config, args.overrides), args.out, args.parallel)
+    log.info(f"evaluation written to {summary}")
+
+
+def _data(args) -> None:
+    from raytrain.data.synthetic import make_dataset
+
+    manifest = make_dataset(args.out_dir, args.n_train, args.n_eval, args.seed, args.image_size)
+    log.info(f"dataset in {args.out_dir}: {manifest['counts']}")
+
+
+COMMANDS = {"sweep": _sweep, "report": _report, "cache": _cache, "export": _export, "eval": _eval, "data": _data}
 
 
 if __name__ == "__main__":

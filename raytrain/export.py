@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from raytrain.config import DataConfig, ModelConfig
 
-WEIGHTS, CONFIG = "model.safetensors", "config.json"
+STUDENT_WEIGHTS, STUDENT_CONFIG = "model.safetensors", "config.json"  # (a checkpoint: model.pt)
 
 
 def export(checkpoint: str | Path, out: str | Path) -> Path:
@@ -43,8 +43,8 @@ def export(checkpoint: str | Path, out: str | Path) -> Path:
     tokenizer = src.tokenizer(data)
     if src.vocabulary is None:  # a Hugging Face tokenizer directory travels with the model
         tokenizer.tok.save_pretrained(out / "tokenizer")
-    save_file(student, out / WEIGHTS)
-    (out / CONFIG).write_text(
+    save_file(student, out / STUDENT_WEIGHTS)
+    (out / STUDENT_CONFIG).write_text(
         json.dumps(
             {
                 "model": cfg["model"],
@@ -69,7 +69,7 @@ class ExportedStudent:
         from raytrain.models.encoders import Student
 
         directory = Path(directory)
-        self.meta = json.loads((directory / CONFIG).read_text())
+        self.meta = json.loads((directory / STUDENT_CONFIG).read_text())
         data = self.meta["data"]
         self.model = Student(
             ModelConfig(**self.meta["model"]),
@@ -78,7 +78,7 @@ class ExportedStudent:
             data["context_length"],
             self.meta["pad_id"],
         )
-        self.model.load_state_dict(load_file(directory / WEIGHTS))
+        self.model.load_state_dict(load_file(directory / STUDENT_WEIGHTS))
         self.model.eval()
         tok = self.meta["tokenizer"]
         self.tokenizer = (

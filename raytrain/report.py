@@ -15,19 +15,21 @@ import html
 import io
 import json
 import math
-import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.fs as pafs
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
+from raytrain.data.sources import write_atomic
 from raytrain.stats import compare_groups
+
+LOCAL = pafs.LocalFileSystem()
 
 BASE_COLUMNS = ("trial_id", "status", "error", "seed", "evaluated")
 FINISHED = "TERMINATED"
@@ -211,16 +213,17 @@ def write_report(
     }
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic(out / "trials.csv", "w", lambda f: trials.to_csv(f, index=False))
-    for name, data in pngs.items():
-        _atomic(out / name, "wb", lambda f, data=data: f.write(data))
-    _atomic(out / "summary.json", "w", lambda f: json.dump(_plain(summary), f, indent=1, allow_nan=False))
-    _atomic(out / "report.html", "w", lambda f: f.write(_html(title, blocks, pngs)))
-    path = out / "report.md"
-    # Written last, so a report that exists always points at a finished PNG and CSV.
-    _atomic(path, "w", lambda f: f.write(_markdown(blocks)))
-    return path
+    files = {
+        "trials.csv": trials.to_csv(index=False).encode(),
+        **pngs,
+        "summary.json": json.dumps(_plain(summary), indent=1, allow_nan=False).encode(),
+        "report.html": _html(title, blocks, pngs).encode(),
+        # last, so a report that exists always points at a finished PNG and CSV
+        "report.md": _markdown(blocks).encode(),
+    }
+    for name, data in files.items():
+        write_atomic(LOCAL, str(out / name), data)
+    return out / "report.md"
 
 
 def _validate(trials, group, metrics, primary, mode, min_effect):
@@ -246,22 +249,6 @@ def _safe(name):
 def _cell(text):
     """Escape text for a Markdown table cell (a bare '|' would split the cell)."""
     return str(text).replace("|", "\\|")
-
-
-def _atomic(path, mode, write):
-    """Call write(file) on a temp file beside `path`, then rename it into place.
-
-    os.replace is atomic within one directory, so readers never see a half-written file.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide the report from everyone else on shared storage
-        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8", "newline": ""})) as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 # ---- the document: blocks ("h1"/"h2"/"p", text), ("table", header, rows), ("ul", items),

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -102,3 +103,10 @@ def test_select_encoders_ranks_pairs(tmp_path):
     assert list(table["image_encoder"].sort_values()) == ["tiny", "vits16"] and set(table["text_encoder"]) == {"minilm"}
     assert table["cka"].is_monotonic_decreasing and table["cka"].between(0, 1).all() and (table["pairs"] == 64).all()
     assert main(["--image", "nameonly"]) == 2
+
+
+def test_numpy_arrays_and_tensors_give_the_same_cka():
+    g = np.random.default_rng(0)
+    x, y = g.normal(size=(50, 6)), g.normal(size=(50, 4))
+    assert float(linear_cka(x, y)) == pytest.approx(float(linear_cka(torch.from_numpy(x), torch.from_numpy(y))))
+    assert float(linear_cka(x, x.astype(np.float32))) == pytest.approx(1.0)

@@ -14,9 +14,14 @@ endpoint, not after minutes of retries.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
+import shutil
+import tempfile
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
@@ -189,6 +194,23 @@ def write_atomic(fs: pafs.FileSystem, path: str, data: bytes) -> None:
             fs.move(tmp, path)
     except OSError as e:
         raise storage_error(fs, "write", shown, e) from None
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | Path) -> Iterator[Path]:
+    """A local directory that appears whole or not at all: yields a private sibling to fill,
+    renamed to `path` when the block ends without error, removed when it raises. OSError from the
+    rename when `path` exists by then (e.g. another process made it first)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would hide it from everyone else on shared storage
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def _write(fs: pafs.FileSystem, path: str, data: bytes) -> None:

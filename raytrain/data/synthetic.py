@@ -46,16 +46,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
-import secrets
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
+
+from raytrain.data.sources import atomic_dir
 
 # 2: eval/segmentation.parquet + segmentation.json added (every other file as in 1). The
 # version is part of ensure_dataset's directory hash, so a cache written before is not reused.
@@ -490,20 +489,16 @@ def make_dataset(out_dir, n_train: int, n_eval: int, seed: int = 0, image_size: 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FileExistsError(f"{out} exists and is not a synthetic dataset (no manifest.json)")
     out.parent.mkdir(parents=True, exist_ok=True)
-    # Build in a private sibling and rename into place: readers never see a partial dataset.
-    tmp = out.parent / f"{out.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    if out.exists():
+        out.rmdir()  # empty (checked above): atomic_dir renames the built dataset into its place
     try:
-        manifest = _build(tmp, params)
-        try:
-            os.replace(tmp, out)
-        except OSError:  # another process won the race: use theirs if it is complete
-            theirs = _existing(out, params)
-            if theirs is None:
-                raise
-            return theirs
-        return manifest
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        with atomic_dir(out) as tmp:  # readers never see a partial dataset
+            return _build(tmp, params)
+    except OSError:  # another process won the race: use theirs if it is complete
+        theirs = _existing(out, params)
+        if theirs is None:
+            raise
+        return theirs
 
 
 def ensure_dataset(root, n_train, n_eval, seed=0, image_size=32) -> Path:

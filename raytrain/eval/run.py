@@ -72,7 +72,7 @@ def load_model(path, device: str = "cpu", data: DataConfig | None = None) -> Enc
     from raytrain import checkpoint, export
 
     path = Path(path)
-    if (path / export.WEIGHTS).is_file():
+    if (path / export.STUDENT_WEIGHTS).is_file():
         student = export.ExportedStudent.load(path)
         module, prep, tokenizer = student.model.to(device), student.meta["data"], student.tokenizer
         encode_image, encode_text = module.encode_image, lambda tokens, captions: module.encode_text(tokens)
@@ -105,7 +105,7 @@ def load_model(path, device: str = "cpu", data: DataConfig | None = None) -> Enc
     else:
         raise FileNotFoundError(
             f"{path} is neither a trial checkpoint ({checkpoint.WEIGHTS} + {checkpoint.CONFIG}) "
-            f"nor an exported student ({export.WEIGHTS} + {export.CONFIG})"
+            f"nor an exported student ({export.STUDENT_WEIGHTS} + {export.STUDENT_CONFIG})"
         )
 
     def images(items: list) -> torch.Tensor:

@@ -85,7 +85,7 @@ class ALIPWeights(nn.Module):
     - The means start at 1.0 (`init`), as there (`momentum_sim_raw, … = 1, 1, 1`).
     - The official code also forces W_r = W_c = 1 for samples whose ungated LCG value is ≥ 1
       (`torch.where(weight_sample_raw < 1, weight_raw, 1)`); METHODS.md does not, so it is
-      off by default and available as `gate_pairs_by_sample=True`.
+      off by default and available as `gate_pairs_by_sample=True` (alip.gate_pairs_by_sample).
     - Under data parallelism, feed the all-gathered embeddings (as the official code does),
       so every rank computes the same means and the buffers stay identical across ranks.
     The EMA updates only when `update` is true (default: `self.training`), so evaluation

@@ -24,23 +24,6 @@ def cosine_distill(student: Tensor, teacher: Tensor) -> Tensor:
     return (1 - F.cosine_similarity(student, teacher.detach(), dim=-1)).mean()
 
 
-def gram_distill(student_tokens: Tensor, teacher_tokens: Tensor) -> Tensor:
-    """Gram-matrix distillation: L = mean_{b,p,q} (G^s_bpq − G^t_bpq)², with
-    G_b = x̂_b x̂_bᵀ the token-token cosine matrix `[B, P, P]` of L2-normalized tokens.
-
-    student `[B, P, d_s]`, teacher `[B, P, d_t]` (widths may differ; no projector needed);
-    teacher detached. Invariant to any orthogonal map of either side's feature space.
-    """
-    if student_tokens.ndim != 3 or teacher_tokens.ndim != 3 or student_tokens.shape[:2] != teacher_tokens.shape[:2]:
-        raise ValueError(
-            f"student {tuple(student_tokens.shape)} and teacher {tuple(teacher_tokens.shape)} "
-            "must be [B, P, d] with the same B, P"
-        )
-    s = F.normalize(student_tokens, dim=-1)
-    t = F.normalize(teacher_tokens.detach(), dim=-1)
-    return F.mse_loss(s @ s.transpose(1, 2), t @ t.transpose(1, 2))
-
-
 def patch_distill(student_patches: Tensor, teacher_patches: Tensor) -> Tensor:
     """TIPSv2 patch-level distillation: L = mean_{b,p} (1 − cos(s_bp, t_bp)).
 

@@ -16,6 +16,7 @@ class ALIPConfig(Section):
 
     momentum: float = Field(0.99, ge=0, lt=1, description="EMA momentum of the consistency statistics")
     caption: str = Field("caption_short", description="the synthetic caption's column (in data.extra_captions)")
+    gate_pairs_by_sample: bool = Field(False, description="the official code's pair weights forced to 1 by sample")
 
 
 @register_method("alip")
@@ -29,7 +30,7 @@ class ALIP(Method):
 
     def __init__(self, cfg, vocab_size: int, pad_id: int = 0):
         super().__init__(cfg, vocab_size, pad_id)
-        self.weights = ALIPWeights(momentum=cfg.alip.momentum)
+        self.weights = ALIPWeights(momentum=cfg.alip.momentum, gate_pairs_by_sample=cfg.alip.gate_pairs_by_sample)
 
     def forward(self, batch, epoch: float):
         u, v, scale = self.embed(batch)

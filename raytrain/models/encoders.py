@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from raytrain.models.scale import log_scale_parameter, logit_scale
+
 
 def _blocks(width: int, depth: int, heads: int) -> nn.TransformerEncoder:
     layer = nn.TransformerEncoderLayer(
@@ -101,12 +103,12 @@ class Student(nn.Module):
         self.text = TextTower(
             cfg.text.width, cfg.text.depth, cfg.text.heads, vocab_size, context_length, cfg.embed_dim, pad_id
         )
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / cfg.init_temperature)))
-        self.max_log_scale = math.log(cfg.max_logit_scale)
+        self.log_scale = log_scale_parameter(cfg.init_temperature)
+        self.max_logit_scale = cfg.max_logit_scale
 
     def logit_scale(self) -> Tensor:
         """exp(t) = 1/τ, clamped to at most max_logit_scale (100)."""
-        return self.log_scale.clamp(max=self.max_log_scale).exp()
+        return logit_scale(self.log_scale, self.max_logit_scale)
 
     def encode_image(self, pixels: Tensor) -> Tensor:
         return F.normalize(self.image(pixels)[0], dim=-1)

@@ -41,13 +41,12 @@ directly would require paired image-text inputs at inference time").
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raytrain.models.init import part_init
+from raytrain.models.scale import log_scale_parameter, logit_scale
 
 
 def temperature_pool(x: Tensor, valid: Tensor, queries: Tensor, temperature: float) -> Tensor:
@@ -93,11 +92,11 @@ class MetaTeacher(nn.Module):
                 self.regions_to_text = nn.MultiheadAttention(text_dim, cfg.heads, batch_first=True)
         with part_init("queries"):
             self.queries = nn.Parameter(torch.randn(cfg.clusters, text_dim))
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
-        self.max_log_scale = math.log(max_logit_scale)
+        self.log_scale = log_scale_parameter(init_temperature)
+        self.max_logit_scale = max_logit_scale
 
     def logit_scale(self) -> Tensor:
-        return self.log_scale.clamp(max=self.max_log_scale).exp()
+        return logit_scale(self.log_scale, self.max_logit_scale)
 
     def scores(self, regions: Tensor, text: Tensor, conf: Tensor, area: Tensor, valid: Tensor) -> Tensor:
         """s_i = max(0, region_scores(conf, area, cos(regions_i, text))) [B, k]; 0 where invalid.

@@ -13,13 +13,11 @@ most max_logit_scale. Each part draws its initial weights from its own stream
 
 from __future__ import annotations
 
-import math
-
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from raytrain.models.init import part_init
+from raytrain.models.scale import log_scale_parameter, logit_scale
 
 
 class TokenProjector(nn.Module):
@@ -66,12 +64,12 @@ class FreezeAlignProjectors(nn.Module):
         if cfg.text_head:
             with part_init("freeze_align.text_head", seed):
                 self.text_head = nn.Sequential(nn.Linear(embed, hidden), nn.GELU(), nn.Linear(hidden, embed))
-        self.log_scale = nn.Parameter(torch.tensor(math.log(1 / init_temperature)))
-        self.max_log_scale = math.log(max_logit_scale)
+        self.log_scale = log_scale_parameter(init_temperature)
+        self.max_logit_scale = max_logit_scale
 
     def logit_scale(self) -> Tensor:
         """exp(t) = 1/τ, clamped to at most max_logit_scale."""
-        return self.log_scale.clamp(max=self.max_log_scale).exp()
+        return logit_scale(self.log_scale, self.max_logit_scale)
 
     def encode_image(self, cls: Tensor, tokens: Tensor) -> Tensor:
         """CLS [B, d_i] and local tokens [B, N, d_i] → L2-normalized [B, E]."""

@@ -19,8 +19,6 @@ import fcntl
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from raytrain.data.sources import atomic_dir
 from raytrain.data.synthetic import BACKGROUNDS, COLORS, SHAPES, SIZES, TEXTURES, ensure_dataset
 from raytrain.data.transforms import decode_image, normalize
 from raytrain.teachers.dinov3 import IMAGENET_MEAN, IMAGENET_STD, random_model
@@ -148,14 +147,9 @@ def _train(spec: dict, root: Path, out: Path) -> None:
             model.eval()
     finally:
         torch.set_num_threads(threads)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}."))
-    try:
+    with atomic_dir(out) as tmp:  # whole or absent: a reader never sees a half-saved teacher
         model.save_pretrained(tmp)
         (tmp / "preprocessor_config.json").write_text(
             json.dumps({"image_mean": IMAGENET_MEAN, "image_std": IMAGENET_STD})
         )
         (tmp / "raytrain_recipe.json").write_text(json.dumps({**spec, "final_loss": loss.item()}, indent=1))
-        os.replace(tmp, out)  # whole or absent: a reader never sees a half-saved teacher
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
