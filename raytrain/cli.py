@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 from raytrain.config import ConfigError, load_config
 from raytrain.data.schema import SchemaError
@@ -76,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
         "(eval.device=cpu, eval.tasks=[{name: c10, kind: zeroshot, format: cifar10, path: data/}])",
     )
 
+    conf = sub.add_parser("config", help="the configuration reference: every key, its type, default and meaning")
+    conf.add_argument("--out", help="write it to this Markdown file (default: print it)")
+
     data = sub.add_parser("data", help="generate the embedded default dataset")
     data.add_argument("out_dir")
     data.add_argument("--n-train", type=int, default=4096)
@@ -140,7 +144,47 @@ def _data(args) -> None:
     log.info(f"dataset in {args.out_dir}: {manifest['counts']}")
 
 
+REFERENCE_HEAD = """# Configuration reference
+
+Every key of the config tree, with its type, default and meaning; generated from the schema
+(`raytrain/config.py` and each method's own section in `raytrain/methods/`) by
+`raytrain config --out docs/configuration.md`. Keys are set in YAML files, in a space file's
+`config`, or as dotted overrides on the command line (`train.epochs=8`); unknown keys and
+out-of-range values are refused before anything runs, naming the key.
+"""
+
+
+def reference_markdown() -> str:
+    """The configuration reference: the top-level values, then a table per section."""
+    from raytrain.config import config_model
+    from raytrain.tree import reference
+
+    parts, rows = [REFERENCE_HEAD, "## Top level"], []
+    for key, kind, default, meaning in reference(config_model()):
+        if not kind and "." not in key:  # a section: the table so far, then its heading
+            parts += [_table(rows), f"## `{key}`\n\n{meaning}"]
+            rows = []
+        else:
+            rows.append([f"`{key}`", f"`{kind}`" if kind else "section", f"`{default}`" if kind else "", meaning])
+    return "\n\n".join([*parts, _table(rows)]) + "\n"
+
+
+def _table(rows: list[list[str]]) -> str:
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    return "\n".join(lines + ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows])
+
+
+def _config(args) -> None:
+    text = reference_markdown()
+    if args.out:
+        Path(args.out).write_text(text)
+        log.info(f"configuration reference written to {args.out}")
+    else:
+        print(text, end="")
+
+
 COMMANDS = {"sweep": _sweep, "report": _report, "cache": _cache, "export": _export, "eval": _eval, "data": _data}
+COMMANDS["config"] = _config
 
 
 if __name__ == "__main__":

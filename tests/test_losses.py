@@ -1,4 +1,4 @@
-"""Losses against hand-computed values and brute-force references (METHODS.md §1–3)."""
+"""Losses against hand-computed values and brute-force references (docs/methods.md#rankclip-and-the-order-r-family)."""
 
 import math
 
@@ -53,7 +53,7 @@ def test_plain_pl_hand_computed():
 
 
 def reference_phi(scores, target, trans, emb, order, k):
-    """φ_k(j) by the letter of METHODS.md §3, one row/position/candidate at a time."""
+    """φ_k(j) by the letter of docs/methods.md#transition-terms, one row/position/candidate at a time."""
     b, n = scores.shape
     d = trans.pair.out_features // 2
     q2, k2 = trans.pair(emb).chunk(2, -1)

@@ -1,4 +1,5 @@
-"""Baseline and distillation losses against hand-computed values (METHODS.md §4–6)."""
+"""Baseline and distillation losses against hand-computed values (docs/methods.md#cyclip, #alip,
+#dinorankclip-distillation, #masked-image-objective)."""
 
 import io
 import math

@@ -162,7 +162,7 @@ def test_dinorankclip_live_teacher_and_eval_injection():
 
 @pytest.mark.parametrize("eval_inject", [False, True])
 def test_dinorankclip_evaluates_both_inference_modes(eval_inject):
-    """METHODS.md §4: training's evaluation scores the student alone and with the teacher
+    """docs/methods.md#dinorankclip-inference-modes: training's evaluation scores the student alone and with the teacher
     injected; the configured mode is unprefixed. The teacher for injection is built on first
     use (evaluation images are not cached) and equals the one the cache was built with."""
     flags = [

@@ -1,4 +1,4 @@
-"""TIPSv2 (papers/003_*.txt, METHODS.md §6): the student's patch masking, the losses on
+"""TIPSv2 (docs/methods.md#tipsv2): the student's patch masking, the losses on
 hand-computed cases, iBOT vs iBOT++, the EMA teacher (schedule, no gradients, checkpointed),
 caption sampling, a few training steps, the config checks and a sweep on the embedded data."""
 

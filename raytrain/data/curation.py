@@ -1,4 +1,4 @@
-"""Concept-balanced curation (freeze-align, papers/002_*.txt §4.2 and its code), as a Ray Data job.
+"""Concept-balanced curation (freeze-align; docs/data.md#concept-balanced-curation), as a Ray Data job.
 
 The paper collects ~3000 concepts (class names of curated datasets), scores every caption of an
 uncurated pool against every concept, then takes the concepts from the least common to the most

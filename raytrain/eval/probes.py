@@ -1,4 +1,5 @@
-"""Fine-grained and geometric probes: attribute binding and the modality gap (METHODS §4, §7)."""
+"""Fine-grained and geometric probes: attribute binding and the modality gap
+(docs/evaluation.md#attribute-binding, #modality-gap)."""
 
 from __future__ import annotations
 

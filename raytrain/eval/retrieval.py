@@ -1,4 +1,4 @@
-"""Cross-modal retrieval metrics: Recall@K and mean average precision (METHODS §7)."""
+"""Cross-modal retrieval metrics: Recall@K and mean average precision (docs/evaluation.md#retrieval)."""
 
 from __future__ import annotations
 

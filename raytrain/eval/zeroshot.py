@@ -1,4 +1,4 @@
-"""Zero-shot classification with prompt-template ensembles (METHODS §7)."""
+"""Zero-shot classification with prompt-template ensembles (docs/evaluation.md#zero-shot-classification)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
-"""Baseline losses (METHODS.md §5): CyCLIP and ALIP. Pure functions on already-gathered
+"""Baseline losses (docs/methods.md#cyclip, #alip): CyCLIP and ALIP. Pure functions on already-gathered
 embeddings, plus ALIP's small stateful EMA helper.
 
-Notation follows METHODS.md: in CyCLIP, `u` are image and `v` text embeddings (both
+Notation follows docs/methods.md#notation-and-the-student: in CyCLIP, `u` are image and `v` text embeddings (both
 L2-normalized); in the ALIP item, `v` is the IMAGE embedding and `t_r`, `t_c` are the raw
 and synthetic caption embeddings.
 """
@@ -39,7 +39,7 @@ def cyclip_regularizers(image_emb: Tensor, text_emb: Tensor) -> tuple[Tensor, Te
     Raw cosines, no logit scale. CyCLIP's official code (goel-shashank/CyCLIP,
     src/train.py) builds the matrices from `logit_scale.exp() · …`, takes `.square().mean()`,
     then divides by `logit_scale.exp()²` and multiplies by the batch size: the scale cancels
-    exactly and `mean · B = (1/B) Σ_jk`, i.e. the same value as METHODS.md's formula, which
+    exactly and `mean · B = (1/B) Σ_jk`, i.e. the same value as the formula in docs/methods.md#cyclip, which
     is what this function computes. (Their embeddings are normalized by the model.)
     """
     b = image_emb.shape[0]
@@ -84,7 +84,7 @@ class ALIPWeights(nn.Module):
       updated means (`momentum_sim = 0.01·cur_mean + 0.99·momentum_sim; w = exp(cur − m)²`).
     - The means start at 1.0 (`init`), as there (`momentum_sim_raw, … = 1, 1, 1`).
     - The official code also forces W_r = W_c = 1 for samples whose ungated LCG value is ≥ 1
-      (`torch.where(weight_sample_raw < 1, weight_raw, 1)`); METHODS.md does not, so it is
+      (`torch.where(weight_sample_raw < 1, weight_raw, 1)`); docs/methods.md#alip does not, so it is
       off by default and available as `gate_pairs_by_sample=True` (alip.gate_pairs_by_sample).
     - Under data parallelism, feed the all-gathered embeddings (as the official code does),
       so every rank computes the same means and the buffers stay identical across ranks.
@@ -136,7 +136,7 @@ def alip_loss(
     weights: ALIPWeights,
     update: bool | None = None,
 ) -> Tensor:
-    """ALIP's adaptive contrastive loss (METHODS.md §5), v = image, t_r = raw caption,
+    """ALIP's adaptive contrastive loss (docs/methods.md#alip), v = image, t_r = raw caption,
     t_c = synthetic caption:
 
         L = mean_i(W_s W_r ℓ(v, t_r)_i) + mean_i(W_s W_c ℓ(v, t_c)_i)

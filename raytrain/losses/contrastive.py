@@ -1,4 +1,4 @@
-"""Contrastive losses (METHODS.md §1). Pure functions on already-gathered embeddings."""
+"""Contrastive losses (docs/methods.md#clip). Pure functions on already-gathered embeddings."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""DCLIP's student objective (papers/001_*.txt §3.2, appendix C). Its meta-teacher is trained
+"""DCLIP's student objective (docs/methods.md#dclip). Its meta-teacher is trained
 with the plain symmetric InfoNCE (raytrain.losses.contrastive.clip_loss)."""
 
 from __future__ import annotations

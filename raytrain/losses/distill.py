@@ -1,6 +1,7 @@
-"""Distillation and self-distillation losses (METHODS.md §4, §6): cosine / Gram-matrix
-distillation to frozen teacher features, TIPSv2's patch-level distillation, iBOT / iBOT++
-masked-image objectives with their centring, temperature and EMA schedules.
+"""Distillation and self-distillation losses (docs/methods.md#dinorankclip-distillation,
+#masked-image-objective): cosine distillation to frozen teacher features, TIPSv2's patch-level
+distillation, iBOT / iBOT++ masked-image objectives with their centring, temperature and EMA
+schedules.
 
 Teacher inputs are always detached inside; the functions are pure except `ema_update`
 (in place on the target, by design).

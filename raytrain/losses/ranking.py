@@ -1,4 +1,4 @@
-"""Plackett-Luce ranking losses of order R (METHODS.md §2–3).
+"""Plackett-Luce ranking losses of order R (docs/methods.md#rankclip-and-the-order-r-family).
 
 order 0 = CLIP (matched item first, depth 1), order 1 = RankCLIP (plain PL over the list),
 order R ≥ 2 adds attention-parameterized transition terms to each position's utilities:

@@ -1,4 +1,4 @@
-"""CLIP: symmetric InfoNCE on the global batch (METHODS.md §1)."""
+"""CLIP: symmetric InfoNCE on the global batch (docs/methods.md#clip)."""
 
 from raytrain.losses.contrastive import clip_loss
 from raytrain.methods import register_method

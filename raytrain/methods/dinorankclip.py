@@ -33,8 +33,8 @@ class DINORankCLIPConfig(Section):
 
     image_injection: bool = Field(True, description="teacher multi-scale patches → fusion → gated residual")
     text_injection: bool = Field(True, description="text teacher → projector → gated residual (reads the cache)")
-    channel_attention: bool = True
-    spatial_attention: bool = True
+    channel_attention: bool = Field(True, description="channel attention over the fused scales")
+    spatial_attention: bool = Field(True, description="spatial attention over the fused scales")
     refiner: bool = Field(True, description="the self-attention refiner over fused tokens")
     gate: bool = Field(True, description="the conflict-aware gate; off: a plain zero-initialized residual")
     distill: bool = Field(True, description="student tokens → teacher patches, global → teacher CLS (cosine)")
@@ -132,8 +132,8 @@ class DINORankCLIP(RankCLIP):
         return self.embed_texts(tokens, captions, self.cfg.dinorankclip.eval_inject)
 
     def evaluations(self):
-        """Both inference modes of METHODS.md §4: the configured one unprefixed, the other as
-        `inject_*` (teacher features injected) or `student_*` (the student alone)."""
+        """Both inference modes (docs/methods.md#dinorankclip-inference-modes): the configured one
+        unprefixed, the other as `inject_*` (teacher features injected) or `student_*` (alone)."""
         out = super().evaluations()
         if self.image_injection is not None or self.text_injection is not None:
             other = not self.cfg.dinorankclip.eval_inject

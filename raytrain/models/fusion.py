@@ -1,4 +1,4 @@
-"""DINORANKCLIP injection modules (METHODS.md §4): multi-scale fusion of frozen-teacher patch
+"""DINORANKCLIP injection modules (docs/methods.md#image-injection): multi-scale fusion of frozen-teacher patch
 maps with the student's local tokens (channel attention → spatial attention → self-attention
 refiner), and the conflict-aware residual gate that injects the fused teacher feature into
 the student's global embedding (image branch) or a projected text-teacher embedding into the
@@ -273,7 +273,7 @@ class MultiScaleFusion(nn.Module):
 
 
 class ConflictGate(nn.Module):
-    """Conflict-aware residual gate (METHODS.md §4) with an exact-identity init:
+    """Conflict-aware residual gate (docs/methods.md#conflict-aware-gate) with an exact-identity init:
 
         p = P(f_t)                                               P = Linear(dim, dim) or identity
         g = σ( MLP([f_s ; p ; f_s ⊙ p]) ) · clamp(cos(f_s, p), 0, 1)      per sample & channel

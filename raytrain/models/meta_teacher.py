@@ -1,4 +1,4 @@
-"""DCLIP's meta-teacher (papers/001_*.txt §3.1 and appendix A): image regions and the frozen
+"""DCLIP's meta-teacher (docs/methods.md#dclip-meta-teacher): image regions and the frozen
 text teacher's tokens through cross-modal attention, pooled into one image embedding that lives
 in the text teacher's space (width D).
 

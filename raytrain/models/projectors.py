@@ -1,4 +1,4 @@
-"""freeze-align's projectors (papers/002_*.txt §4.3, Fig. 3): the only trained parts, between
+"""freeze-align's projectors (docs/methods.md#freeze-align): the only trained parts, between
 a frozen image encoder's tokens and a frozen text encoder's tokens.
 
     token projector  P(x) = W x + W₂ GELU(W₁ x), x = Dropout(LayerNorm(token))

@@ -1,4 +1,4 @@
-"""Frozen DINOv3 ViT teacher (METHODS.md §4), through Hugging Face `DINOv3ViTModel`.
+"""Frozen DINOv3 ViT teacher (docs/methods.md#frozen-teachers), through Hugging Face `DINOv3ViTModel`.
 
 The teacher takes images as the data pipeline normalized them, maps them back to [0, 1],
 resizes to its own resolution and re-normalizes with the model's constants, then returns

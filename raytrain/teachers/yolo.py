@@ -1,4 +1,4 @@
-"""Frozen YOLOv8 region teacher for DCLIP (METHODS.md §6), through ultralytics, fully offline.
+"""Frozen YOLOv8 region teacher for DCLIP (docs/methods.md#frozen-teachers), through ultralytics, fully offline.
 
     teacher = YOLOTeacher()                          # yolov8n.yaml, seeded random weights
     regions = teacher.detect(images)                 # uint8 [B, H, W, 3] RGB -> list[Regions]
