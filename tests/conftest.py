@@ -18,6 +18,18 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # start inherit it from here
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 
+# the smallest student every method trains with in tests: 16-px images, 16-wide towers, an 8-d joint space
+TINY_MODEL = [
+    "model.image.width=16",
+    "model.image.heads=2",
+    "model.image.patch=8",
+    "model.text.width=16",
+    "model.text.heads=2",
+    "model.embed_dim=8",
+    "data.image_size=16",
+    "data.context_length=6",
+]
+
 TEST_KEY = TEST_SECRET = "testing"  # moto's test credentials; never real ones
 TEST_REGION = "us-east-1"
 

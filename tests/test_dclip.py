@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TINY_MODEL
 
 from raytrain import checkpoint
 from raytrain.config import ConfigError, make_config
@@ -21,14 +22,7 @@ from raytrain.models.meta_teacher import MetaTeacher, temperature_pool
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "model.image.width=16",
-    "model.image.heads=2",
-    "model.image.patch=8",
-    "model.text.width=16",
-    "model.text.heads=2",
-    "model.embed_dim=8",
-    "data.image_size=16",
-    "data.context_length=6",
+    *TINY_MODEL,
     "teachers.dinov3.image_size=16",
     "teachers.dinov3.grid=2",
     "cache.use=true",

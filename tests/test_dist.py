@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from conftest import TINY_MODEL
 from torch.nn.parallel import DistributedDataParallel
 
 from raytrain.config import make_config
@@ -16,14 +17,7 @@ OVERRIDES = [
     "loss.order=3",
     "loss.depth=4",
     "loss.ramp=false",
-    "model.image.width=16",
-    "model.image.heads=2",
-    "model.image.patch=8",
-    "model.text.width=16",
-    "model.text.heads=2",
-    "model.embed_dim=8",
-    "data.image_size=16",
-    "data.context_length=6",
+    *TINY_MODEL,
 ]
 
 

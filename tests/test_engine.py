@@ -21,6 +21,7 @@ import time
 
 import pytest
 import torch
+from conftest import TINY_MODEL
 
 from raytrain.config import make_config
 from raytrain.train.engines import DDPEngine, build_engine
@@ -28,14 +29,7 @@ from raytrain.train.engines.deepspeed import deepspeed_config
 from raytrain.train.optim import lr_factor
 
 TINY = [
-    "model.image.width=16",
-    "model.image.heads=2",
-    "model.image.patch=8",
-    "model.text.width=16",
-    "model.text.heads=2",
-    "model.embed_dim=8",
-    "data.image_size=16",
-    "data.context_length=6",
+    *TINY_MODEL,
     "teachers.dinov3.image_size=16",
 ]
 BASE = TINY + ["train.engine=deepspeed", "train.batch_size=8", "optim.warmup_steps=2"]

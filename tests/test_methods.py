@@ -6,20 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_MODEL
 
 from raytrain.config import make_config
 from raytrain.methods import build_method, list_methods
 from raytrain.train.optim import build_optimizer
 
 TINY = [
-    "model.image.width=16",
-    "model.image.heads=2",
-    "model.image.patch=8",
-    "model.text.width=16",
-    "model.text.heads=2",
-    "model.embed_dim=8",
-    "data.image_size=16",
-    "data.context_length=6",
+    *TINY_MODEL,
     "teachers.dinov3.image_size=16",
     "teachers.dinov3.grid=2",
     "data.extra_captions=[caption_short]",
