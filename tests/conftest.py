@@ -72,24 +72,33 @@ class Driver(subprocess.Popen):
         return out
 
     def kill(self) -> None:
-        """SIGKILL its process group, then the descendants that left it (Ray's workers take
-        groups of their own and would otherwise linger until they notice the raylet is gone)."""
+        """SIGKILL its process group, then whatever is left of its session: Ray's workers take
+        process groups of their own but stay in the session, also once orphaned."""
         import psutil
 
         try:
-            rest = psutil.Process(self.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            rest = []
-        try:
             os.killpg(self.pid, signal.SIGKILL)
-        except ProcessLookupError:
+        except ProcessLookupError:  # the group has exited
             pass
-        for proc in rest:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        self.wait()
+        self.wait(timeout=60)
+        for _ in range(20):
+            left = [p for p in psutil.process_iter() if _session(p.pid) == self.pid]
+            if not left:
+                return
+            for p in left:
+                try:
+                    p.kill()
+                except psutil.Error:
+                    pass
+            time.sleep(0.5)
+        raise AssertionError(f"processes of the killed session {self.pid} still run: {left}")
+
+
+def _session(pid: int) -> int | None:
+    try:
+        return os.getsid(pid)
+    except OSError:
+        return None
 
 
 @pytest.fixture

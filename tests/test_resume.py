@@ -7,13 +7,11 @@ first (same config, data and step count), with no unregistered checkpoint direct
 import json
 import math
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import psutil
 import pytest
 
 from raytrain.cli import main
@@ -142,42 +140,13 @@ primary: mean_r@1
 JUNK = "checkpoint_2000-01-01_00-00-00.000000"  # what a worker killed mid-write leaves
 
 
-def driver(tmp_path, *args) -> subprocess.Popen:
-    """The order sweep job in its own session, with a private local Ray cluster (RAY_ADDRESS=local:
-    never one another process started) that dies with its process group."""
+def driver(drivers, tmp_path, *args):
+    """The order sweep job in its own session (conftest.Driver), with a private local Ray cluster
+    (RAY_ADDRESS=local: never one another process started); its output to driver-<n>.log."""
     env = {**os.environ, "RAY_ADDRESS": "local", "TUNE_GLOBAL_CHECKPOINT_S": "1", "RAY_DISABLE_USAGE_STATS": "1"}
-    return subprocess.Popen(
-        [sys.executable, str(ROOT / "jobs/order_sweep.py"), "--space", str(tmp_path / "space.yaml"), *args],
-        cwd=ROOT,
-        env=env,
-        stdout=open(tmp_path / f"driver-{len(list(tmp_path.glob('driver-*')))}.log", "w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-
-
-def kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver's process group, then any process left in its session (Ray's)."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:  # the group has exited
-        pass
-    proc.wait(timeout=60)
-    for _ in range(20):
-        left = [p for p in psutil.process_iter() if _session(p) == proc.pid]
-        if not left:
-            return
-        for p in left:
-            p.kill()
-        time.sleep(0.5)
-    raise AssertionError(f"processes of the killed driver still run: {left}")
-
-
-def _session(p: psutil.Process) -> int | None:
-    try:
-        return os.getsid(p.pid)
-    except OSError:
-        return None
+    log = open(tmp_path / f"driver-{len(list(tmp_path.glob('driver-*')))}.log", "w")
+    cmd = [sys.executable, ROOT / "jobs/order_sweep.py", "--space", tmp_path / "space.yaml", *args]
+    return drivers(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen, log: Path):
@@ -203,33 +172,33 @@ def final(run: Path) -> tuple[dict, dict, list[str]]:
 
 
 @pytest.mark.e2e
-def test_killed_driver_resumes_the_same_sweep(tmp_path):
+def test_killed_driver_resumes_the_same_sweep(tmp_path, drivers):
     from raytrain.data.synthetic import make_dataset
 
     digits = tmp_path / "digits"  # not the space's data: 48 rows, 3 epochs (9 steps; the space's: 4)
     make_dataset(digits, n_train=48, n_eval=16, seed=1)
     (tmp_path / "space.yaml").write_text(SPACE.format(root=tmp_path / "embedded"))
     runs = tmp_path / "runs"
-    proc = driver(tmp_path, f"data.path={digits}", "train.epochs=3", f"run.storage_path={runs}")
+    proc = driver(drivers, tmp_path, f"data.path={digits}", "train.epochs=3", f"run.storage_path={runs}")
     log = tmp_path / "driver-0.log"
     # one trial at a time: kill once the second trial has registered its first checkpoint
     snapshots = lambda: sorted(runs.glob("*/train_runs/*/checkpoint_manager_snapshot.json"))  # noqa: E731
     snapshot = wait_for(
         lambda: len(snapshots()) == 2 and snapshots()[1], 600, "the second trial's checkpoint", proc, log
     )
-    kill_session(proc)
+    proc.kill()
     second = snapshot.parent
+    first_result = next(runs.glob("resume_check-*/run_trial_*00000*/result.json"))
+    before = first_result.read_text()
     (second / JUNK).mkdir()  # removed when the trial resumes
     t0 = time.time()
-    proc = driver(tmp_path, "--resume", str(next(runs.glob("resume_check-*"))))
+    proc = driver(drivers, tmp_path, "--resume", str(next(runs.glob("resume_check-*"))))
     log = tmp_path / "driver-1.log"
-    try:
-        # once the resumed trial registers a checkpoint, plant another: removed when it ends
-        wait_for(lambda: snapshot.stat().st_mtime > t0, 600, "a checkpoint after resuming", proc, log)
-        (second / JUNK).mkdir()
-        assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
-    finally:
-        kill_session(proc)
+    # once the resumed trial registers a checkpoint, plant another: removed when it ends
+    wait_for(lambda: snapshot.stat().st_mtime > t0, 600, "a checkpoint after resuming", proc, log)
+    (second / JUNK).mkdir()
+    assert proc.wait(timeout=600) == 0, log.read_text()[-4000:]
+    assert first_result.read_text() == before  # the finished trial was not run again
     out = log.read_text()
     assert "2 trials of resume_check" in out and f"data {digits}" in out, out[-4000:]
     first, second = sorted(runs.glob("resume_check-*/train_runs/*"))
