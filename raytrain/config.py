@@ -199,6 +199,7 @@ class TrainConfig(Section):
     keep_by: str | None = Field(None, description="a reported metric, e.g. loss (min) or mean_r@1 (max)")
     max_failures: int = Field(0, ge=-1, description="worker failures to recover from (-1: always)")
     eval: bool = Field(True, description="evaluate on the data's eval/ splits at the end")
+    compile: bool = Field(False, description="torch.compile the method (student and losses); off: eager")
 
     @model_validator(mode="after")
     def _batch_splits(self):
@@ -242,25 +243,23 @@ class EvalTaskConfig(Section):
         if self.format != "embedded" and self.path is None:
             raise ValueError(f"task {self.name!r}: format {self.format} needs a path")
         if only.get(self.format, self.kind) != self.kind:
-            raise ValueError(
-                f"task {self.name!r}: format {self.format} is a {only[self.format]} dataset, not {self.kind}"
-            )
+            raise ValueError(f"task {self.name!r}: format {self.format} holds {only[self.format]}, not {self.kind}")
         for key, formats in (("annotations", ("karpathy",)), ("classnames", ("imagefolder", "voc"))):
             if getattr(self, key) is not None and self.format not in formats:
                 raise ValueError(f"task {self.name!r}: {key} is read only for format {' and '.join(formats)}")
         return self
 
 
+EMBEDDED_TASKS = (
+    EvalTaskConfig(name="embedded_retrieval", kind="retrieval"),
+    EvalTaskConfig(name="embedded_zeroshot", kind="zeroshot"),
+)
+
+
 class EvalConfig(Section):
     """The suite `raytrain eval` scores on; by default the embedded splits (no downloads)."""
 
-    tasks: tuple[EvalTaskConfig, ...] = Field(
-        (
-            EvalTaskConfig(name="embedded_retrieval", kind="retrieval"),
-            EvalTaskConfig(name="embedded_zeroshot", kind="zeroshot"),
-        ),
-        description="name, kind, format, path, ... each (EvalTaskConfig)",
-    )
+    tasks: tuple[EvalTaskConfig, ...] = Field(EMBEDDED_TASKS, description="name, kind, format, path, ... each")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when visible")
     num_cpus: float = Field(1.0, gt=0, description="per Ray task with --parallel")
     num_gpus: float = Field(0.0, ge=0, description="per Ray task with --parallel; 1 on GPU nodes")

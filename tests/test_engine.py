@@ -480,3 +480,23 @@ def test_zero2_bf16_on_gpu(tmp_path):
         _assert_round_trip(worker(_round_trip, 2, "bf16", str(tmp_path / "ckpt"), "cuda"), torch.bfloat16)
     finally:
         worker.close()
+
+
+def test_compiled_and_eager_steps_give_the_same_losses():
+    """train.compile: the same method, seed and batches give the same losses to float tolerance."""
+    from raytrain.methods import build_method
+
+    def losses(compiled: bool) -> list[float]:
+        flags = ["train.engine=ddp", "method=clip", "model.image.depth=1", "model.text.depth=1"]
+        cfg = config(*flags, f"train.compile={str(compiled).lower()}")
+        torch.manual_seed(0)
+        engine = build_engine(build_method(cfg, 30), cfg, TOTAL_STEPS, torch.device("cpu"))
+        out = []
+        for _ in range(3):
+            loss, _ = engine(_batch(), 3.0)
+            engine.step(loss)
+            out.append(loss.item())
+        return out
+
+    eager, compiled = losses(False), losses(True)
+    assert compiled == pytest.approx(eager, rel=1e-4), (eager, compiled)

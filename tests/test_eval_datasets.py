@@ -396,7 +396,7 @@ def test_eval_config_validation():
         ),
         (
             {"name": "c10", "kind": "retrieval", "format": "cifar10", "path": "/d"},
-            "task 'c10': format cifar10 is a zeroshot dataset, not retrieval",
+            "task 'c10': format cifar10 holds zeroshot, not retrieval",
         ),
         (
             {"name": "in", "kind": "zeroshot", "format": "imagefolder", "path": "/d", "annotations": "a.json"},

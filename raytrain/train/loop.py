@@ -70,7 +70,9 @@ def train_loop_per_worker(payload: dict) -> None:
         log.info(f"resumed at step {progress['step']} from {resumed.path}")
     shard = ray.train.get_dataset_shard("train")
 
-    window, logs, first_batch_s = [], {}, None
+    # step times and, before each, the time blocked on the next batch (the first one's is the
+    # stream's start-up, startup_s): data_wait_share says whether a run was input-bound
+    window, waits, logs, first_batch_s, ready = [], [], {}, None, None
     # a run restarted from its final checkpoint trains no step: its final report has no loss
     loss, stats, first_epoch = torch.tensor(float("nan")), {}, progress["step"] // steps_per_epoch
     epoch = first_epoch
@@ -88,8 +90,10 @@ def train_loop_per_worker(payload: dict) -> None:
                 break
             if i < done_in_epoch:
                 continue
-            first_batch_s = first_batch_s or time.perf_counter() - started
             t0 = time.perf_counter()
+            first_batch_s = first_batch_s or t0 - started
+            if ready is not None:
+                waits.append(t0 - ready)
             keep = ~(batch["bad_image"] | batch["empty_caption"])
             for reason in SKIP_REASONS:
                 progress["skipped"][reason] += int(batch[reason].sum())
@@ -110,7 +114,7 @@ def train_loop_per_worker(payload: dict) -> None:
             if step % cfg.train.report_every == 0 and step < total:
                 save = cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0
                 report(
-                    _metrics(loss, logs, stats, step, epoch, window, local_batch),
+                    _metrics(loss, logs, stats, step, epoch, window, waits, local_batch),
                     engine,
                     progress,
                     cfg,
@@ -118,7 +122,8 @@ def train_loop_per_worker(payload: dict) -> None:
                     rank,
                     save,
                 )
-                window = []
+                window, waits = [], []
+            ready = time.perf_counter()  # what follows, until the next batch arrives, is waiting for data
         if progress["step"] >= total:
             break
 
@@ -126,7 +131,7 @@ def train_loop_per_worker(payload: dict) -> None:
     # evaluation on rank 0 (no collective inside) and the final checkpoint.
     skipped = progress["skipped"]
     counts = dict(zip(SKIP_REASONS, all_sum([skipped[r] for r in SKIP_REASONS])))
-    metrics = _metrics(loss, logs, stats, progress["step"], epoch, window, local_batch)
+    metrics = _metrics(loss, logs, stats, progress["step"], epoch, window, waits, local_batch)
     metrics.update({f"skipped_{r}": int(n) for r, n in counts.items()}, skipped_rows=int(sum(counts.values())))
     metrics["samples_seen"] = int(all_sum([progress["seen"]])[0])
     metrics.update(
@@ -189,12 +194,14 @@ def _split(inputs: dict, parts: int) -> list[dict]:
     return [{k: c[j] for k, c in chunks.items()} for j in range(parts)]
 
 
-def _metrics(loss, logs, stats, step, epoch, window, local_batch) -> dict:
+def _metrics(loss, logs, stats, step, epoch, window, waits, local_batch) -> dict:
     out = {k: float(v) for k, v in logs.items()}
     out.update(stats, loss=loss.item(), step=step, epoch=epoch)
     if window:
         out["step_time"] = float(np.mean(window))
         out["samples_per_s"] = local_batch / out["step_time"]
+        # time blocked on the next batch / (that + step time), over the steps since the last report
+        out["data_wait_share"] = float(sum(waits) / (sum(waits) + sum(window)))
     return out
 
 

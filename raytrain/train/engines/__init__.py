@@ -63,7 +63,11 @@ def check(cfg) -> None:
 
 
 def build_engine(method: nn.Module, cfg, total_steps: int, device) -> Engine:
-    """The engine named by train.engine, with one log line saying which and its settings."""
+    """The engine named by train.engine, with one log line saying which and its settings. With
+    train.compile the method's forward (student and losses) is compiled in place first, so DDP's
+    and DeepSpeed's wrappers call the compiled module."""
+    if cfg.train.compile:
+        method.compile()
     engine = ENGINES[cfg.train.engine](method, cfg, total_steps, device)
-    log.info(f"engine={engine.kind} world_size={world_size()} {engine.summary()}")
+    log.info(f"engine={engine.kind} world_size={world_size()} compile={cfg.train.compile} {engine.summary()}")
     return engine
