@@ -395,8 +395,8 @@ class DeepSpeedEngine:
         shutil.rmtree(out, ignore_errors=True)
         Path(f"{out}.lock").unlink(missing_ok=True)
         log.info(
-            f"DeepSpeedEngine.load: ZeRO states saved by {saved} ranks resumed on {world_size()} through a universal "
-            f"checkpoint ({time.perf_counter() - t0:.1f}s); optimizer moments intact"
+            f"DeepSpeedEngine.load: ZeRO states saved at world size {saved} loaded at {world_size()} through a "
+            f"universal checkpoint ({time.perf_counter() - t0:.1f}s); optimizer moments intact"
         )
         return client
 
