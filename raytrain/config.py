@@ -187,7 +187,8 @@ class TrainConfig(Section):
 
     epochs: int = Field(4, ge=1)
     batch_size: int = Field(128, ge=2, description="global batch, split over workers")
-    num_workers: int = Field(1, ge=1)
+    num_workers: int = Field(1, ge=1, description="workers (one GPU each with use_gpu); elastic: the most")
+    min_workers: int | None = Field(None, ge=1, description="elastic: run on min_workers..num_workers (spot nodes)")
     use_gpu: bool = Field(False, description="one GPU per worker")
     cpus_per_worker: float = Field(0.99, gt=0)
     engine: Literal["ddp", "deepspeed"] = Field("ddp", description="explicit and logged; never a silent fallback")
@@ -203,8 +204,10 @@ class TrainConfig(Section):
 
     @model_validator(mode="after")
     def _batch_splits(self):
-        if self.batch_size % self.num_workers:
-            raise ValueError(f"batch_size {self.batch_size} is not divisible by num_workers {self.num_workers}")
+        if (self.min_workers or 0) > self.num_workers:
+            raise ValueError(f"min_workers {self.min_workers} exceeds num_workers {self.num_workers} (the maximum)")
+        if bad := [n for n in range(self.min_workers or self.num_workers, self.num_workers + 1) if self.batch_size % n]:
+            raise ValueError(f"batch_size {self.batch_size} is not divisible by {bad} workers, counts this run may use")
         if self.checkpoint_every % self.report_every:
             raise ValueError(
                 f"checkpoint_every {self.checkpoint_every} is not a multiple of report_every {self.report_every}"
@@ -250,10 +253,7 @@ class EvalTaskConfig(Section):
         return self
 
 
-EMBEDDED_TASKS = (
-    EvalTaskConfig(name="embedded_retrieval", kind="retrieval"),
-    EvalTaskConfig(name="embedded_zeroshot", kind="zeroshot"),
-)
+EMBEDDED_TASKS = tuple(EvalTaskConfig(name=f"embedded_{kind}", kind=kind) for kind in ("retrieval", "zeroshot"))
 
 
 class EvalConfig(Section):

@@ -60,9 +60,11 @@ def train_loop_per_worker(payload: dict) -> None:
         with resumed.as_directory() as d:
             saved, _ = checkpoint.load(d)
             sharded = Path(d) / DEEPSPEED_DIR
-            if engine.sharded and sharded.is_dir() and saved["progress"].get("world_size") == world:
-                engine.load(sharded)  # DeepSpeed's own states: optimizer shards included
-            else:  # DDP, or DeepSpeed at another world size: weights, schedule, steps
+            # DeepSpeed's own states, optimizer moments included, at any world size (an elastic
+            # resize re-partitions them through a universal checkpoint); DDP's state is whole
+            if engine.sharded and sharded.is_dir():
+                engine.load(sharded)
+            else:
                 engine.load_state_dict(saved["engine"])
         progress = {**saved["progress"], "resumed_step": saved["progress"]["step"], "world_size": world}
         if rank < len(saved["rng"]):  # a rank new to a larger world keeps its seeded state
@@ -84,7 +86,9 @@ def train_loop_per_worker(payload: dict) -> None:
             local_shuffle_buffer_size=4 * local_batch,
             local_shuffle_seed=cfg.seed * 7919 + epoch * 31 + rank,
         )
-        done_in_epoch = progress["step"] - epoch * steps_per_epoch  # data position on resume
+        # data position on resume: the same number of rows of this epoch at any world size; at
+        # another one not the same rows (docs/training.md#training-on-spot-preemptible-nodes)
+        done_in_epoch = progress["step"] - epoch * steps_per_epoch
         for i, batch in enumerate(batches):
             if i >= steps_per_epoch or progress["step"] >= total:  # the same step count on every rank
                 break

@@ -218,15 +218,17 @@ def fit_run(cfg: Config, name: str, storage: str, source, cache=None, callbacks=
         path = uri(done.checkpoint.filesystem, done.checkpoint.path)
         log.info(f"{name}-{stage_cfg.method} done, loss {done.metrics.get('loss', float('nan')):.4f}; {key}={path}")
         cfg = cfg.override({key: path})
-    run_dir = f"{storage.rstrip('/')}/{name}"
+    run_dir, train = f"{storage.rstrip('/')}/{name}", cfg.train
     prune_checkpoints(run_dir)  # a resumed run: what a worker killed mid-write left behind
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=worker_config(cfg, source),
         scaling_config=ScalingConfig(
-            num_workers=cfg.train.num_workers,
-            use_gpu=cfg.train.use_gpu,
-            resources_per_worker={"CPU": cfg.train.cpus_per_worker, **({"GPU": 1} if cfg.train.use_gpu else {})},
+            # elastic (train.min_workers): starts once min_workers fit, and restarts from the latest
+            # checkpoint at whatever count in min..num_workers fits when a node goes or comes back
+            num_workers=(train.min_workers, train.num_workers) if train.min_workers else train.num_workers,
+            use_gpu=train.use_gpu,
+            resources_per_worker={"CPU": train.cpus_per_worker, **({"GPU": 1} if train.use_gpu else {})},
         ),
         datasets={"train": train_dataset(source, cfg.data, cfg.seed, cache if cfg.cache.use else None)},
         dataset_config=ingest_config(),

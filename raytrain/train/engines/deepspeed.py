@@ -1,14 +1,22 @@
 """DeepSpeed (ZeRO 0–3, fp32/bf16/fp16, gradient accumulation, optimizer offload) behind the
 Engine interface. `save(dir)` / `load(dir)` are DeepSpeed's own sharded checkpoints (every rank
-calls them; they load only at the same world size). `state_dict()` is the consolidated fp32
-module state (world-size independent); with ZeRO ≥ 1 and more than one rank it is a
-collective, so every rank must call it. Importing this module does not import deepspeed."""
+calls them); `load` at another world size (an elastic resize) goes through a universal checkpoint
+(`to_universal`), so the optimizer moments come back re-partitioned. `state_dict()` is the
+consolidated fp32 module state (world-size independent); with ZeRO ≥ 1 and more than one rank it
+is a collective, so every rank must call it. Importing this module does not import deepspeed."""
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
+import hashlib
+import io
 import json
 import os
+import shutil
+import tempfile
+import time
+import types
 from pathlib import Path
 
 import torch
@@ -131,9 +139,19 @@ class DeepSpeedEngine:
 
     @staticmethod
     def check(cfg) -> None:
-        """Derive DeepSpeed's JSON for train.num_workers ranks: ValueError naming the fields that
-        conflict, before Ray starts (a rank count that differs at run time is checked again)."""
-        deepspeed_config(cfg, cfg.train.num_workers)
+        """Derive DeepSpeed's JSON for every rank count the run may have (train.num_workers, or
+        train.min_workers..num_workers when elastic): ValueError naming the fields that conflict,
+        before Ray starts (the rank count at run time is checked again)."""
+        worlds = range(cfg.train.min_workers or cfg.train.num_workers, cfg.train.num_workers + 1)
+        for world in worlds:
+            deepspeed_config(cfg, world)
+        if len(worlds) > 1 and cfg.train.deepspeed.zero_stage and cfg.optim.name != "adamw":
+            raise ValueError(
+                f"train.min_workers {cfg.train.min_workers} (elastic) with train.deepspeed.zero_stage "
+                f"{cfg.train.deepspeed.zero_stage} needs optim.name=adamw, not {cfg.optim.name}: a resize "
+                "re-partitions the optimizer states through DeepSpeed's universal checkpoint, which carries Adam's "
+                "moments only"
+            )
 
     def summary(self) -> str:
         clip = " (gradient clipping by raytrain: DeepSpeed gets 0)" if self._own_clip else ""
@@ -340,11 +358,102 @@ class DeepSpeedEngine:
         return Path(directory)
 
     def load(self, directory: str | Path, tag: str | None = None) -> dict:
-        """DeepSpeed's load_checkpoint of `save`'s directory (same world size and ZeRO stage);
-        returns the client state. Every rank calls it."""
+        """DeepSpeed's load_checkpoint of `save`'s directory: module, fp32 master weights, optimizer
+        states, LR schedule and step counters; returns the client state. Every rank calls it.
+
+        ZeRO ≥ 1 shards the optimizer states by data-parallel rank, and DeepSpeed loads those
+        shards only at the degree they were saved at. Saved at another one (an elastic resize),
+        they load through a universal checkpoint (`to_universal`, converted once per machine into
+        its temp directory and removed after): every parameter's fp32 weight and Adam moments
+        whole, re-partitioned for this world size; the module's buffers (which that path leaves
+        alone) from the saved module. ZeRO 0 keeps whole optimizer states: any world size."""
+        directory = Path(directory)
+        tag = tag or (directory / "latest").read_text().strip()
+        saved = len(list((directory / tag).glob("*zero_pp_rank_*_optim_states.pt")))  # 0 under ZeRO 0
+        if saved in (0, world_size()):
+            return self._load_checkpoint(directory, tag)
+        files = sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in (directory / tag).iterdir())
+        digest = hashlib.sha256(repr((str((directory / tag).resolve()), files)).encode()).hexdigest()[:16]
+        out = Path(tempfile.gettempdir()) / f"raytrain-universal-{digest}"
+        t0 = time.perf_counter()
+        with open(f"{out}.lock", "w") as lock:  # the first rank on this machine converts; the others wait
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (out / "latest_universal").is_file():  # written last by the conversion
+                to_universal(directory / tag, out / tag)
+        self.engine._config.load_universal_checkpoint = True  # DeepSpeed's checkpoint.load_universal
+        try:
+            client = self._load_checkpoint(out, tag)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
+        model_file = min((directory / tag).glob("*model_states.pt"))  # rank 0's holds the buffers
+        module = torch.load(model_file, map_location="cpu", weights_only=False)["module"]
+        with torch.no_grad():
+            for name, buffer in self.module.named_buffers():
+                if name in module:
+                    buffer.copy_(module[name])
+        torch.distributed.barrier()  # every rank has read the conversion
+        shutil.rmtree(out, ignore_errors=True)
+        Path(f"{out}.lock").unlink(missing_ok=True)
+        log.info(
+            f"DeepSpeedEngine.load: ZeRO states saved at world size {saved} loaded at {world_size()} through a "
+            f"universal checkpoint ({time.perf_counter() - t0:.1f}s); optimizer moments intact"
+        )
+        return client
+
+    def _load_checkpoint(self, directory: Path, tag: str) -> dict:
         path, client = self.engine.load_checkpoint(
             str(directory), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
         )
         if path is None:
-            raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory} (tag {tag or 'from the latest file'})")
+            raise FileNotFoundError(f"no DeepSpeed checkpoint under {directory} (tag {tag})")
         return client or {}
+
+
+def to_universal(src: Path, dst: Path) -> None:
+    """DeepSpeed's universal checkpoint of the ZeRO checkpoint `src` (`<dir>/<tag>`), written by
+    its ds_to_universal into `dst` (`<out>/<tag>`, with `<out>/latest_universal`): each
+    parameter's fp32 weight and optimizer moments whole (`zero/<name>/{fp32,exp_avg,exp_avg_sq}.pt`),
+    which load at any data-parallel degree (DeepSpeed's `checkpoint.load_universal`).
+
+    Two adaptations, both in what the converter reads: the universal_checkpoint_info it asks of
+    the client (tensor-parallel layout patterns, for Megatron-style models) is injected, as its
+    --inject_missing_state does, since this model has no tensor parallelism; and DeepSpeed
+    0.19.8's converter concatenates each parameter's merged pieces with torch.cat, which raises
+    for 0-dim parameters (the student's logit scale), so it reads a copy of the model-states file
+    whose param_shapes list them as 1-element. The loader flattens every state before slicing,
+    so they load back into the 0-dim parameter unchanged. Serial (one process): it runs inside a
+    training worker."""
+    from deepspeed.checkpoint import ds_to_universal
+    from deepspeed.checkpoint.constants import PARAM_SHAPES
+
+    staged = dst.parent / f"{dst.name}.input"
+    shutil.rmtree(staged, ignore_errors=True)  # left by a conversion killed midway
+    staged.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name.endswith("model_states.pt"):
+            state = torch.load(f, map_location="cpu", weights_only=False)
+            if PARAM_SHAPES in state:
+                state[PARAM_SHAPES] = [{k: s or torch.Size([1]) for k, s in g.items()} for g in state[PARAM_SHAPES]]
+            torch.save(state, staged / f.name)
+        else:
+            (staged / f.name).symlink_to(f.resolve())
+    args = types.SimpleNamespace(
+        input_folder=str(staged),
+        output_folder=str(dst),
+        num_extract_workers=1,
+        num_merge_workers=1,
+        keep_temp_folder=False,
+        strict=True,
+        inject_missing_state=True,
+    )
+    printed = io.StringIO()  # its progress lines and bars: shown only if it fails
+    try:
+        with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+            ds_to_universal.main(args)
+    except Exception as e:  # noqa: BLE001  (any failure: say which checkpoint and what it printed)
+        raise RuntimeError(
+            f"DeepSpeed's ds_to_universal failed on {src} ({type(e).__name__}: {e}); it printed:\n"
+            f"{printed.getvalue()[-2000:]}"
+        ) from e
+    finally:
+        shutil.rmtree(staged, ignore_errors=True)
