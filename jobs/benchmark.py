@@ -65,4 +65,5 @@ if __name__ == "__main__":
         args.cases,
         args.compile,
         args.loss_batches,
+        teacher=args.teacher,
     )

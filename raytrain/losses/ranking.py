@@ -37,7 +37,7 @@ from raytrain.models.init import part_init
 
 # [rows, K, N] elements per chunk of the fused order ≥ 2 loss: a few MB on CPU (stays in cache),
 # larger on accelerators (fewer kernel launches); any other device uses the CPU size
-CHUNK = {"cpu": 1 << 17, "cuda": 1 << 24}
+CHUNK = {"cpu": 1 << 18, "cuda": 1 << 24}
 
 
 class Tables(NamedTuple):
