@@ -726,7 +726,9 @@ def markdown(report: dict) -> str:
                 f"| {v['tflops_per_step']:.4f} | {v['gflops_per_sample']:.2f} | {_f(v.get('achieved_tflops'), '.3f')} "
                 f"| {_f(v.get('mfu'), '.1%')} |"
             )
-        lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in report["ratios"].items()]
+        if report["ratios"]:
+            lines += ["", "| ratio | value |", "|---|---|"]
+            lines += [f"| {k} | {v:.2f} |" for k, v in report["ratios"].items()]
     if "decode_rows_per_s_per_core" in report:
         rates = ", ".join(f"{v:.0f} at {k}" for k, v in report["decode_rows_per_s_per_core"].items())
         lines += ["", f"Decode + resize + normalize + tokenize of random-noise PNGs, rows/s per core: {rates}."]

@@ -311,16 +311,22 @@ def _log_likelihood(s: Tensor, phi: Tensor, tgt: _Target, probs: bool) -> Tensor
 class _RankedPL(torch.autograd.Function):
     """log P per row `[S, B]` of S lists `[S, B, N]` ranked along one target prefix `[B, K]`,
     with transition terms from tables (lam, pair, logit, value) or given whole (`terms`
-    `[B, K, N]`). Row chunks of ~CHUNK elements, recomputed in backward."""
+    `[B, K, N]`). Row chunks of ~CHUNK elements, recomputed in backward; a batch that fits in
+    one chunk keeps it from forward to backward instead (memory bounded by CHUNK either way)."""
 
     @staticmethod
     def forward(ctx, scores, prefix, lam, pair, logit, value, terms, order):
         ctx.save_for_backward(scores, prefix, lam, pair, logit, value, terms)
-        ctx.order = order
+        ctx.order, ctx.kept = order, None
         out = torch.empty(scores.shape[:2], dtype=_compute_dtype(scores), device=scores.device)
-        for rows, s, p, phis, _ in _chunks(scores, prefix, (lam, pair, logit, value), terms, order, keep=False):
+        chunks = list(_chunks(scores, prefix, (lam, pair, logit, value), terms, order, keep=False, lazy=True))
+        keep = len(chunks) == 1 and any(ctx.needs_input_grad)
+        for chunk in chunks:
+            rows, s, p, phis, extra = chunk(keep)
             for i, phi in enumerate(phis):
-                out[i, rows] = _log_likelihood(s[i], phi, p, probs=False)
+                out[i, rows] = _log_likelihood(s[i], phi, p, probs=keep)
+            if keep:  # φ now holds the softmax that backward needs
+                ctx.kept = rows, s, p, phis, extra
         return out
 
     @staticmethod
@@ -331,16 +337,17 @@ class _RankedPL(torch.autograd.Function):
         dscores = torch.zeros(scores.shape, dtype=dtype, device=scores.device) if need[0] else None
         dterms = torch.zeros(terms.shape, dtype=dtype, device=terms.device) if terms is not None and need[6] else None
         gout, acc, tab = gout.to(dtype), {}, None
-        for rows, s, p, phis, (tab, state, ws) in _chunks(
-            scores, prefix, (lam, pair, logit, value), terms, ctx.order, keep=True
-        ):
+        kept, ctx.kept = ctx.kept, None
+        chunks = [kept] if kept else _chunks(scores, prefix, (lam, pair, logit, value), terms, ctx.order, keep=True)
+        for rows, s, p, phis, (tab, state, ws) in chunks:
             if tab is not None and not acc:
                 acc = _accumulators(tab, need[2:6])
             k = p.prefix.shape[1]
             grad = None
             for i, phi in enumerate(phis):  # ∂ log P / ∂φ_k(j) = δ_{j=π_k} − softmax(φ_k)_j
                 g = gout[i, rows].view(-1, 1, 1)
-                _log_likelihood(s[i], phi, p, probs=True)
+                if not kept:
+                    _log_likelihood(s[i], phi, p, probs=True)
                 gphi = phi.mul_(-g).scatter_add_(2, p.prefix.unsqueeze(-1), g.expand(-1, k, 1))
                 if dscores is not None:
                     dscores[i, rows] = gphi.sum(1)
@@ -378,9 +385,10 @@ def _n(tab: _Prepared) -> int:
     return (tab.pair if tab.pair is not None else tab.logit).shape[1]
 
 
-def _chunks(scores, prefix, tables, terms, order, keep):
+def _chunks(scores, prefix, tables, terms, order, keep, lazy=False):
     """Per row chunk: (rows, scores[:, rows], prefix[rows], one φ buffer per list holding the
-    terms of those rows, (prepared tables, tuple state, workspace))."""
+    terms of those rows, (prepared tables, tuple state with `keep`, workspace)); with `lazy`, a
+    function of `keep` that computes it, per chunk."""
     dtype = _compute_dtype(scores)
     lists, b, n = scores.shape
     k = prefix.shape[1]
@@ -388,17 +396,21 @@ def _chunks(scores, prefix, tables, terms, order, keep):
     tab = _prepare(tables, order, dtype) if terms is None else None
     step = max(1, CHUNK.get(scores.device.type, CHUNK["cpu"]) // (k * n))
     target = _Target.of(prefix, n)
-    for start in range(0, b, step):
-        rows = slice(start, start + step)
+
+    def chunk(rows: slice, keep: bool):
         p = target.rows(rows)
         if tab is None:
-            t, state = terms[rows], []
+            t, state = terms[rows], {}
         else:
             t, state = _terms(tab, p, n, ws, keep)
         # the last list takes the terms' own buffer (they are not needed after it)
         phis = [ws(f"phi{i}", *t.shape).copy_(t) for i in range(lists - 1)]
         phis.append(t if tab is not None else ws("phi", *t.shape).copy_(t))
-        yield rows, scores[:, rows].to(dtype), p, phis, (tab, state, ws)
+        return rows, scores[:, rows].to(dtype), p, phis, (tab, state, ws)
+
+    for start in range(0, b, step):
+        rows = slice(start, start + step)
+        yield (lambda keep, rows=rows: chunk(rows, keep)) if lazy else chunk(rows, keep)
 
 
 class _Terms(torch.autograd.Function):
