@@ -228,40 +228,42 @@ def loss_cost(
     batches: Iterable[int] = LOSS_BATCHES,
     orders: Iterable[int] = LOSS_ORDERS,
     repeats: int = 3,
-    max_case_s: float = 120.0,
+    max_case_s: float = 60.0,
     memory_limit: int | None = None,
 ) -> dict:
-    """Forward + backward time (median of `repeats`) and peak memory of the objective of order R
-    on fixed embeddings of the paper-scale student (512-d, depth 16): R = 0 CLIP's loss, R ≥ 1
-    CLIP's + ranking_consistency_loss (RankCLIP targets, in-modal terms, transitions for R ≥ 2).
-    A batch is skipped, and said why, when a case projected from the largest smaller batch
-    measured (time and memory ∝ B²) would take over `max_case_s` per run or need over
-    `memory_limit` bytes (default: half of the memory available now). `exp_pass_s`: one
-    exponential over the four [B, K, B] lists, the least an order ≥ 2 loss does at each step."""
+    """Forward + backward time (median of up to `repeats` runs) and peak memory of the objective
+    of order R on fixed embeddings of the paper-scale student (512-d, depth 16): R = 0 CLIP's
+    loss, R ≥ 1 CLIP's + ranking_consistency_loss (RankCLIP targets, in-modal terms, transitions
+    for R ≥ 2). A case is skipped, and said why, when projected from the same order at the
+    largest smaller batch measured (time and memory ∝ B²) it would take over `max_case_s` per
+    run or need over `memory_limit` bytes (default: half of the memory available now).
+    `exp_pass_s`: one exponential over the four [B, K, B] lists, the least an order ≥ 2 loss
+    computes (its forward alone takes several)."""
     from raytrain.losses.contrastive import clip_loss
     from raytrain.losses.ranking import CHUNK, Transition, ranking_consistency_loss
 
     cfg = make_config({}, SCALES["paper"])
     dim, depth, tdim = cfg.model.embed_dim, cfg.loss.depth, cfg.loss.transition_dim
     memory_limit = memory_limit or _available_memory(device) // 2
-    out, last = {"embed_dim": dim, "depth": depth, "transition_dim": tdim}, None
+    out, measured = {"embed_dim": dim, "depth": depth, "transition_dim": tdim}, {}
     for b in sorted(batches):
-        key = f"B{b}"
-        if last is not None:
-            grow = (b / last[0]) ** 2
-            worst_s = max(r["s"] for r in last[1].values()) * grow
-            worst_mem = max(r["peak_bytes"] or 0 for r in last[1].values()) * grow
-            if worst_s > max_case_s or worst_mem > memory_limit:
-                why = f"projected from B{last[0]} (∝ B²): {worst_s:.0f} s per run, {worst_mem / 2**30:.1f} GiB"
-                out[key] = {"skipped": f"{why}; limits {max_case_s:.0f} s, {memory_limit / 2**30:.1f} GiB"}
-                log.info(f"loss cost {key} skipped: {out[key]['skipped']}")
-                continue
         g = torch.Generator().manual_seed(b)
         u = torch.randn(b, dim, generator=g).to(device).requires_grad_()
         v = torch.randn(b, dim, generator=g).to(device).requires_grad_()
         scale = torch.tensor(1 / 0.07, device=device, requires_grad=True)
-        rows = {}
+        entry = {}
         for r in sorted(orders):
+            if r in measured:
+                smaller, seconds, peak = measured[r]
+                grow = (b / smaller) ** 2
+                if seconds * grow > max_case_s or (peak or 0) * grow > memory_limit:
+                    limits = f"limits {max_case_s:.0f} s, {memory_limit / 2**30:.1f} GiB"
+                    entry[f"R{r}"] = {
+                        "skipped": f"projected from B{smaller} (∝ B²): {seconds * grow:.0f} s per run, "
+                        f"{(peak or 0) * grow / 2**30:.1f} GiB; {limits}"
+                    }
+                    log.info(f"loss cost B{b} R{r} skipped: {entry[f'R{r}']['skipped']}")
+                    continue
             trans = [Transition(dim, tdim, r).to(device) for _ in range(2)] if r >= 2 else [None, None]
 
             def run(r=r, trans=trans, u=u, v=v, scale=scale):
@@ -277,15 +279,14 @@ def loss_cost(
                 t0 = time.perf_counter()
                 run()
                 times.append(time.perf_counter() - t0)
-            rows[f"R{r}"] = {"s": statistics.median(times), "runs": len(times), "peak_bytes": peak}
-            log.info(f"loss cost B{b} R{r}: {rows[f'R{r}']['s'] * 1000:.1f} ms, peak {_mib(peak)}")
-        base = rows.get("R0", {}).get("s")
-        entry = dict(rows)
+            entry[f"R{r}"] = {"s": statistics.median(times), "runs": len(times), "peak_bytes": peak}
+            measured[r] = (b, entry[f"R{r}"]["s"], peak)
+            log.info(f"loss cost B{b} R{r}: {entry[f'R{r}']['s'] * 1000:.1f} ms, peak {_mib(peak)}")
+        base = entry.get("R0", {}).get("s")
         if base:
-            entry.update({f"{k}_vs_R0": v["s"] / base for k, v in rows.items() if k != "R0"})
+            entry.update({f"{k}_vs_R0": v["s"] / base for k, v in list(entry.items()) if k != "R0" and "s" in v})
         entry["exp_pass_s"] = _exp_pass(4 * b * min(depth, b) * b, CHUNK.get(device, CHUNK["cpu"]), device)
-        out[key] = entry
-        last = (b, rows)
+        out[f"B{b}"] = entry
     return out
 
 
@@ -744,11 +745,12 @@ def markdown(report: dict) -> str:
         for b, entry in lc.items():
             if not b.startswith("B"):
                 continue
-            if "skipped" in entry:
-                lines.append(f"| {b[1:]} | all | skipped: {entry['skipped']} | | |")
-                continue
             for r, v in entry.items():
-                if r.startswith("R") and "_vs_" not in r:
+                if not r.startswith("R") or "_vs_" in r:
+                    continue
+                if "skipped" in v:
+                    lines.append(f"| {b[1:]} | {r[1:]} | skipped: {v['skipped']} | | |")
+                else:
                     lines.append(
                         f"| {b[1:]} | {r[1:]} | {v['s'] * 1000:.1f} | {_mib(v['peak_bytes'])} "
                         f"| {_f(entry.get(f'{r}_vs_R0'))} |"

@@ -34,7 +34,8 @@ def test_loss_cost_measures_and_skips_what_would_not_fit():
     b8 = out["B8"]
     assert b8["R0"]["s"] > 0 and b8["R3"]["runs"] == 1 and b8["R3_vs_R0"] > 0 and b8["exp_pass_s"] > 0
     assert b8["R3"]["peak_bytes"] is None or b8["R3"]["peak_bytes"] > 0
-    assert "projected from B8" in out["B16"]["skipped"]  # any time is over a limit of 1e-9 s
+    assert "projected from B8" in out["B16"]["R3"]["skipped"]  # any time is over a limit of 1e-9 s
+    assert "R3_vs_R0" not in out["B16"]
 
 
 def test_consume_times_first_batch_waits_and_steps():
