@@ -138,7 +138,7 @@ def step_time(cfg, device: str, steps: int, compile: bool = False) -> dict:
         with torch.device("meta"), FlopCounterMode(display=False) as counter:
             step, method = train_step(cfg, device)
             step(batch_for(cfg, method, device))
-        return {"tflops_per_step": counter.get_total_flops() / 1e12}
+        return {"tflops_per_step": counter.get_total_flops() / 1e12, "trainable_params_m": _trainable(method)}
     step, method = train_step(cfg, device)
     batch = batch_for(cfg, method, device)
     step(batch)  # warm up (allocations, kernels)
@@ -162,6 +162,7 @@ def step_time(cfg, device: str, steps: int, compile: bool = False) -> dict:
         times.append(time.perf_counter() - t0)
     seconds = statistics.median(times)
     out = {
+        "trainable_params_m": _trainable(method),
         "step_s": seconds,
         "samples_per_s": cfg.train.batch_size / seconds,
         "tflops_per_step": flops / 1e12,
@@ -170,6 +171,11 @@ def step_time(cfg, device: str, steps: int, compile: bool = False) -> dict:
     if warmup_s is not None:
         out["compile_s"] = warmup_s
     return out
+
+
+def _trainable(method: torch.nn.Module) -> float:
+    """Trainable parameters, in millions."""
+    return sum(p.numel() for p in method.parameters() if p.requires_grad) / 1e6
 
 
 def decode_rate(size: int, n: int = 512) -> float:
@@ -718,12 +724,12 @@ def markdown(report: dict) -> str:
     if "cases" in report:
         lines += [
             "",
-            "| case | ms/step | samples/s | TFLOP/step | GFLOP/sample | TFLOP/s | MFU |",
-            "|---|---|---|---|---|---|---|",
+            "| case | params (M) | ms/step | samples/s | TFLOP/step | GFLOP/sample | TFLOP/s | MFU |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for k, v in report["cases"].items():
             lines.append(
-                f"| {k} | {_ms(v.get('step_s'))} | {_f(v.get('samples_per_s'), '.1f')} "
+                f"| {k} | {v['trainable_params_m']:.1f} | {_ms(v.get('step_s'))} | {_f(v.get('samples_per_s'), '.1f')} "
                 f"| {v['tflops_per_step']:.4f} | {v['gflops_per_sample']:.2f} | {_f(v.get('achieved_tflops'), '.3f')} "
                 f"| {_f(v.get('mfu'), '.1%')} |"
             )
