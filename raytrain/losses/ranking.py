@@ -16,11 +16,12 @@ tests/test_ranking_equivalence.py checks losses and gradients against a direct i
   [N, N] table (`Tables`: T_2, the tuple attention's logits and values), so a [B, K, N] term is
   a row gather from a table instead of a matmul per position.
 - Order ≥ 2: one autograd function computes the transition terms, the masked softmax over the
-  remaining candidates and the log-likelihood on row chunks of ~CHUNK [rows, K, N] elements and
-  recomputes them in backward with hand-written gradients, so beyond the [N, N] tables memory is
-  O(chunk·K·N·R) whatever the batch, and no [B, K, N] mask or index tensor is ever built. Lists
-  ranked along the same target with the same transition (a teacher's reference) share one
-  computation of the terms.
+  remaining candidates and the log-likelihood on row chunks of ~CHUNK [rows, K, N] elements,
+  with hand-written gradients; a batch of several chunks is recomputed chunk by chunk in
+  backward (one chunk is kept from forward), so beyond the [N, N] tables memory is a few
+  chunk-sized buffers per order whatever the batch, and no [B, K, N] mask or index tensor is
+  ever built. Lists ranked along the same target with the same transition (a teacher's
+  reference) share one computation of the terms.
 """
 
 from __future__ import annotations
