@@ -235,7 +235,7 @@ def test_voc_errors(tmp_path):
         voc_segmentation(root)
     bad = [
         ({"name": "v", "kind": "segmentation", "format": "voc"}, "format voc needs a path"),
-        ({"name": "v", "kind": "zeroshot", "format": "voc", "path": "/d"}, "format voc holds segmentation, not zeroshot"),
+        ({"name": "v", "kind": "zeroshot", "format": "voc", "path": "/d"}, "holds segmentation, not zeroshot"),
         ({"name": "v", "kind": "segmentation", "classnames": "n.txt"}, "read only for format imagefolder and voc"),
     ]
     for t, match in bad:
