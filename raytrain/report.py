@@ -230,7 +230,7 @@ def _section(trials, outcome, where, group, metrics, primary, labels, baseline, 
     blocks.append(("table", *_summary_table(mean, std, count, n, missing, group, metrics, labels)))
     if comparisons:
         blocks += [
-            (head, f"Compared with {group} {labels[baseline]}" + (f" ({name})" if name else "")),
+            (head, f"Compared with {group} {labels[baseline]}" + (f", {name}" if name else "")),
             ("p", _method_sentence(ok, group, labels, baseline, primary, mode, min_effect)),
             ("p", f"**Verdict on `{primary}`:** " + _verdict(comparisons[primary], ok, primary, outcome)),
         ]
