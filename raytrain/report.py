@@ -67,6 +67,7 @@ def write_report(
     min_effect: float = 0.0,
     curves: dict[str, pd.DataFrame] | None = None,
     curve_metrics: list[str] = ("loss",),
+    facet: str | None = None,
 ) -> Path:
     """Write `report.md`, `report.html`, `summary.json`, the PNG plots and `trials.csv` into `out_dir`.
 
@@ -86,9 +87,16 @@ def write_report(
     `summary.json` holds the same numbers. `curves` maps trial_id → that trial's reported
     results (Tune's progress.csv rows); each of `curve_metrics` found there is drawn against
     `step` (else `training_iteration`), one line per trial coloured by group.
+
+    `facet` (a column): the trials are split by its values and each part gets its own
+    section (summary table, comparison with the baseline, verdict, plots), as if each were a
+    sweep of its own; summary.json then holds them under "facets" (value → "groups",
+    "comparison", "comparisons") instead of at its top level.
     Returns the path of `report.md`.
     """
     _validate(trials, group, metrics, primary, mode, min_effect)
+    if facet is not None and facet not in trials.columns:
+        raise ValueError(f"trials has no column {facet!r}")
     groups = sorted(trials[group].unique())
     if baseline is not None and baseline not in groups:
         raise ValueError(f"baseline {baseline!r} is not a value of column {group!r}")
@@ -97,40 +105,14 @@ def write_report(
     outcome = _outcomes(trials)
     ok = trials[trials["status"] == FINISHED]
     measured, facts = _measured(trials, ok)
-    by = ok.groupby(group)
-    mean = by[metrics].mean().reindex(groups)
-    std = by[metrics].std(ddof=1).reindex(groups)
-    count = by[metrics].count().reindex(groups, fill_value=0)
-    n = trials[outcome == EVALUATED].groupby(group).size().reindex(groups, fill_value=0)
-    missing = {g: _missing(trials[trials[group] == g], outcome) for g in groups}
-
-    comparisons = {}
-    if baseline is not None:
-        for m in metrics:
-            values = {g: _by_seed(ok[ok[group] == g], m) for g in groups}
-            comparisons[m] = compare_groups(
-                values, baseline, mode=mode, min_effect=min_effect, alpha=ALPHA, noun=group, labels=labels
-            )
-
+    args = (group, metrics, primary, labels, baseline, mode, min_effect, title)
+    values = sorted(trials[facet].unique()) if facet is not None else []
+    if facet is None:
+        sections = [_section(trials, outcome, None, *args)]
+    else:
+        sections = [_section(trials[trials[facet] == v], outcome, (facet, v), *args) for v in values]
     # (file name, alt text, caption, figure); every plot goes to both reports
-    plots = [
-        (
-            f"metrics_vs_{_safe(group)}.png",
-            f"metrics vs {group}",
-            "Mean ± std (ddof=1) over finished seeds.",
-            _plot(mean, std, missing, group, metrics, labels, title),
-        )
-    ]
-    if len(groups) > 1 and comparisons:
-        plots.append(
-            (
-                f"delta_vs_{_safe(baseline)}.png",
-                f"difference vs {labels[baseline]}",
-                f"Mean paired difference (per seed) from {labels[baseline]}; error bars: its 95 % CI "
-                "(none with fewer than 2 paired seeds).",
-                _delta_plot(comparisons, metrics, labels, baseline, title),
-            )
-        )
+    plots = [p for section in sections for p in section[1]]
     curve_fig = _curve_plot(trials, curves or {}, group, labels, list(curve_metrics), title)
     if curve_fig is not None:
         plots.append(
@@ -156,11 +138,99 @@ def write_report(
             "not evaluated: the group's finished trials were not evaluated and did not report the metric; "
             "n/a: its evaluated trials did not report it.",
         ),
-        ("table", *_summary_table(mean, std, count, n, missing, group, metrics, labels)),
     ]
+    if facet is not None:
+        blocks.append(
+            ("p", f"The trials are split by `{facet}`: each value has its own table, comparison and verdict.")
+        )
+    for section_blocks, _, _ in sections:
+        blocks += section_blocks
+    blocks += [("h2", "Failed, unfinished and unevaluated trials"), *_failed_section(trials, outcome, group)]
+    blocks += [("h2", "Plots")]
+    blocks += [("img", name, alt, caption) for name, alt, caption, _ in plots]
+    if notes:
+        blocks += [("h2", "Notes"), ("ul", list(notes))]
+    summary = {
+        "group": group,
+        "baseline": baseline,
+        "primary": primary,
+        "mode": mode,
+        "min_effect": min_effect,
+        "alpha": ALPHA,
+        "trials": {"total": len(trials), **{_key(k): int((outcome == k).sum()) for k in OUTCOMES}},
+        "measured": facts,  # retrieval split sizes seen; skipped rows summed over the finished trials
+    }
+    if facet is None:
+        summary.update(sections[0][2])
+    else:
+        summary.update(facet=facet, facets={v: part for v, (_, _, part) in zip(values, sections)})
+
+    out = Path(out_dir)
+    files = {
+        "trials.csv": trials.to_csv(index=False).encode(),
+        **pngs,
+        "summary.json": json.dumps(_plain(summary), indent=1, allow_nan=False).encode(),
+        "report.html": _html(title, blocks, pngs).encode(),
+        # last, so a report that exists always points at a finished PNG and CSV
+        "report.md": _markdown(blocks).encode(),
+    }
+    for name, data in files.items():
+        write_atomic(LOCAL, str(out / name), data)
+    return out / "report.md"
+
+
+def _section(trials, outcome, where, group, metrics, primary, labels, baseline, mode, min_effect, title):
+    """(blocks, plots, summary part) of the trials of one facet value (`where` = (facet,
+    value)) or of the whole sweep (`where` None): the summary table and, with a baseline, the
+    comparisons and the verdict."""
+    outcome = outcome[trials.index]
+    ok = trials[trials["status"] == FINISHED]
+    groups = sorted(trials[group].unique())
+    by = ok.groupby(group)
+    mean = by[metrics].mean().reindex(groups)
+    std = by[metrics].std(ddof=1).reindex(groups)
+    count = by[metrics].count().reindex(groups, fill_value=0)
+    n = trials[outcome == EVALUATED].groupby(group).size().reindex(groups, fill_value=0)
+    missing = {g: _missing(trials[trials[group] == g], outcome) for g in groups}
+    if baseline not in groups:
+        baseline = None
+
+    comparisons = {}
+    if baseline is not None:
+        for m in metrics:
+            values = {g: _by_seed(ok[ok[group] == g], m) for g in groups}
+            comparisons[m] = compare_groups(
+                values, baseline, mode=mode, min_effect=min_effect, alpha=ALPHA, noun=group, labels=labels
+            )
+
+    name = "" if where is None else f"{where[0]} = {where[1]}"
+    suffix = "" if where is None else f"_{_safe(where[0])}_{_safe(where[1])}"
+    shown = title if where is None else f"{title} ({name})"
+    plots = [
+        (
+            f"metrics_vs_{_safe(group)}{suffix}.png",
+            f"metrics vs {group}" + (f", {name}" if name else ""),
+            "Mean ± std (ddof=1) over finished seeds" + (f", {name}." if name else "."),
+            _plot(mean, std, missing, group, metrics, labels, shown),
+        )
+    ]
+    if len(groups) > 1 and comparisons:
+        plots.append(
+            (
+                f"delta_vs_{_safe(baseline)}{suffix}.png",
+                f"difference vs {labels[baseline]}" + (f", {name}" if name else ""),
+                f"Mean paired difference (per seed) from {labels[baseline]}; error bars: its 95 % CI "
+                "(none with fewer than 2 paired seeds)" + (f"; {name}." if name else "."),
+                _delta_plot(comparisons, metrics, labels, baseline, shown),
+            )
+        )
+
+    head = "h2" if where is None else "h3"
+    blocks = [] if where is None else [("h2", f"`{where[0]}` = {where[1]}")]
+    blocks.append(("table", *_summary_table(mean, std, count, n, missing, group, metrics, labels)))
     if comparisons:
         blocks += [
-            ("h2", f"Compared with {group} {labels[baseline]}"),
+            (head, f"Compared with {group} {labels[baseline]}" + (f", {name}" if name else "")),
             ("p", _method_sentence(ok, group, labels, baseline, primary, mode, min_effect)),
             ("p", f"**Verdict on `{primary}`:** " + _verdict(comparisons[primary], ok, primary, outcome)),
         ]
@@ -186,20 +256,7 @@ def write_report(
         ]
     if not comparisons:
         blocks.append(("p", _no_baseline_sentence(group)))
-    blocks += [("h2", "Failed, unfinished and unevaluated trials"), *_failed_section(trials, outcome, group)]
-    blocks += [("h2", "Plots")]
-    blocks += [("img", name, alt, caption) for name, alt, caption, _ in plots]
-    if notes:
-        blocks += [("h2", "Notes"), ("ul", list(notes))]
     summary = {
-        "group": group,
-        "baseline": baseline,
-        "primary": primary,
-        "mode": mode,
-        "min_effect": min_effect,
-        "alpha": ALPHA,
-        "trials": {"total": len(trials), **{_key(k): int((outcome == k).sum()) for k in OUTCOMES}},
-        "measured": facts,  # retrieval split sizes seen; skipped rows summed over the finished trials
         "groups": {
             g: {
                 "label": labels[g],
@@ -211,19 +268,7 @@ def write_report(
         "comparison": comparisons.get(primary),  # compare_groups' dict of the primary metric
         "comparisons": {m: c["pairs"] for m, c in comparisons.items()},  # every metric's paired differences
     }
-
-    out = Path(out_dir)
-    files = {
-        "trials.csv": trials.to_csv(index=False).encode(),
-        **pngs,
-        "summary.json": json.dumps(_plain(summary), indent=1, allow_nan=False).encode(),
-        "report.html": _html(title, blocks, pngs).encode(),
-        # last, so a report that exists always points at a finished PNG and CSV
-        "report.md": _markdown(blocks).encode(),
-    }
-    for name, data in files.items():
-        write_atomic(LOCAL, str(out / name), data)
-    return out / "report.md"
+    return blocks, plots, summary
 
 
 def _validate(trials, group, metrics, primary, mode, min_effect):
@@ -251,14 +296,14 @@ def _cell(text):
     return str(text).replace("|", "\\|")
 
 
-# ---- the document: blocks ("h1"/"h2"/"p", text), ("table", header, rows), ("ul", items),
+# ---- the document: blocks ("h1"/"h2"/"h3"/"p", text), ("table", header, rows), ("ul", items),
 # ("img", file, alt, caption); text may hold Markdown's **bold** and `code` --------------------
 
 
 def _markdown(blocks) -> str:
     parts = []
     for kind, *args in blocks:
-        if kind in ("h1", "h2"):
+        if kind in ("h1", "h2", "h3"):
             parts.append("#" * int(kind[1]) + " " + args[0])
         elif kind == "p":
             parts.append(args[0])
@@ -304,7 +349,7 @@ def _html(title, blocks, pngs) -> str:
     """One self-contained page: plots as base64 data URIs, no external file or script."""
     body = []
     for kind, *args in blocks:
-        if kind in ("h1", "h2", "p"):
+        if kind in ("h1", "h2", "h3", "p"):
             body.append(f"<{kind}>{_inline(args[0])}</{kind}>")
         elif kind == "table":
             header, rows = args

@@ -150,6 +150,31 @@ def test_cached_and_live_teacher_give_the_same_loss(dataset, tmp_path, ray_local
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
 
 
+def test_text_teacher_targets_from_the_cache_equal_the_live_text_teacher(dataset, tmp_path, ray_local):
+    """loss.target=text_teacher on a batch: the cached `text` outputs give the loss that the
+    text teacher run live on the same rows' captions gives."""
+    cfg = config(
+        dataset, tmp_path, "cache.use=true", "cache.teachers=[text]", "loss.order=2", "loss.target=text_teacher"
+    )
+    build_cache(cfg)
+    src = prepare(cfg.data)
+    reader = CacheReader.open(cfg, src)
+    batch = next(iter(train_dataset(src, cfg.data, 0, reader).iter_batches(batch_size=6, batch_format="numpy")))
+    keep = ~(batch["bad_image"] | batch["empty_caption"])
+    inputs = {k: torch.from_numpy(batch[k][keep]) for k in ("pixels", "tokens", "text")}
+    captions = {
+        i: c for f in src.files for i, c in zip(*pq.read_table(f, columns=["id", "caption"]).to_pydict().values())
+    }
+    live = build_text(cfg.teachers.text).encode([captions[i] for i in batch["id"][keep]])
+    torch.testing.assert_close(inputs["text"], live, atol=2e-2, rtol=2e-3)
+    losses = []
+    for text in (inputs["text"], live):
+        torch.manual_seed(0)
+        method = build_method(cfg, src.tokenizer(cfg.data).vocab_size)
+        losses.append(method({**inputs, "text": text}, 2.5)[0].item())
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+
+
 def test_sweep_with_and_without_cache_trains_the_same(dataset, tmp_path, ray_local):
     """Two trials of one sweep, equal but for cache.use: the same final training losses."""
     from raytrain.tune.sweep import run_sweep

@@ -199,6 +199,10 @@ def test_method_requirements_are_checked():
     with pytest.raises(ConfigError, match="loss.target=teacher reads dinov3 from the teacher cache"):
         make_config({}, ["loss.target=teacher", "cache.use=true", "cache.teachers=[text]"])
     make_config({}, ["loss.target=teacher"])  # uncached: the live teacher
+    make_config({}, ["loss.target=planted"])
+    with pytest.raises(ConfigError, match="loss.target=text_teacher reads text from the teacher cache: set cache.use"):
+        make_config({}, ["loss.target=text_teacher"])  # batches hold no caption text for a live teacher
+    make_config({}, ["loss.target=text_teacher", "loss.order=0"])  # CLIP ranks nothing
     with pytest.raises(ConfigError, match="add it to data.extra_captions"):
         make_config({}, ["method=alip"])
 
@@ -223,3 +227,49 @@ def test_ablation_switches_keep_every_other_parts_initial_weights():
         other = weights(variant)
         shared = set(full) & set(other)
         assert shared and [k for k in sorted(shared) if not torch.equal(full[k], other[k])] == [], variant
+
+
+def eval_pairs(n=10):
+    g = torch.Generator().manual_seed(1)
+    captions = [f"a {c} circle" for c in ("red", "blue", "green", "pink", "grey")] * (n // 5)
+    return torch.randn(n, 3, 16, 16, generator=g), torch.randint(4, 30, (n, 6), generator=g), captions
+
+
+@pytest.mark.parametrize("target", ["rankclip", "teacher", "planted"])
+def test_ranking_evaluation(target):
+    """docs/evaluation.md#ranking-nll-and-the-transitions-share: the held-out NLL is
+    deterministic (fixed targets, fixed planted draw), nests (order 3 at λ = 0 equals order 1)
+    and each transition term's share is std(λ_r·T_r) / std(s), 0 at λ = 0."""
+    cfg = ["loss.order=3", f"loss.target={target}", "loss.planted_gamma=2"]
+    three, one = build(cfg), build([*cfg, "loss.order=1"])
+    pixels, tokens, captions = eval_pairs()
+    got = three.ranking_evaluation(pixels, tokens, captions)
+    keys = {"rank_nll", "t2_share", "t3_share", "lam2_abs", "lam3_abs"} | (
+        {"planted_nll"} if target == "planted" else set()
+    )
+    assert set(got) == keys and got == three.ranking_evaluation(pixels, tokens, captions)
+    assert got["rank_nll"] == pytest.approx(one.ranking_evaluation(pixels, tokens, captions)["rank_nll"], rel=1e-5)
+    assert got["t2_share"] == got["t3_share"] == got["lam2_abs"] == 0.0
+    with torch.no_grad():
+        three.image_transition.lam.copy_(torch.tensor([-2.0, 0.5]))
+        three.text_transition.lam.copy_(torch.tensor([1.0, 0.0]))
+    moved = three.ranking_evaluation(pixels, tokens, captions)
+    assert moved["lam2_abs"] == pytest.approx(1.5) and moved["lam3_abs"] == pytest.approx(0.25)
+    assert moved["t2_share"] > 0 and moved["t3_share"] > 0 and moved["rank_nll"] != got["rank_nll"]
+    assert set(build(["loss.order=0"]).ranking_evaluation(pixels, tokens, captions)) == {"rank_nll"}
+
+
+def test_text_teacher_targets_at_evaluation_come_from_the_live_text_teacher():
+    """Evaluation captions are not cached: loss.target=text_teacher ranks them by the live text
+    teacher's caption-caption similarities (its `text` output, which training reads cached)."""
+    from raytrain.losses.targets import ranking_nll
+    from raytrain.teachers import build_text
+
+    method = build(["loss.target=text_teacher", "loss.order=1"])
+    pixels, tokens, captions = eval_pairs()
+    t = build_text(method.cfg.teachers.text).encode(captions)
+    with torch.no_grad():
+        u, v = method.encode_images(pixels), method.encode_texts(tokens, captions)
+        want = ranking_nll(u, v, method.student.logit_scale(), 1, 16, True, t @ t.T)
+    assert method.ranking_evaluation(pixels, tokens, captions)["rank_nll"] == pytest.approx(want.item(), rel=1e-5)
+    assert method.text_teacher is not None and not any(k.startswith("text_teacher.") for k in method.state_dict())

@@ -518,6 +518,49 @@ def test_deltas_plot_iff_baseline(tmp_path):
     assert spans == pytest.approx(cis)
 
 
+def test_facet_splits_the_comparison(tmp_path):
+    """The order control's report: one section, comparison and verdict per planted γ. At γ = 0
+    the orders agree (rank_nll, lower is better); at γ = 4 orders 2 and 3 are both better than
+    order 1 by 0.2, and neither is better than the other beyond noise."""
+    rows = []
+    for gamma, gain in ((0.0, 0.0), (4.0, 0.2)):
+        for seed, base in enumerate((5.0, 5.1, 4.9)):
+            for order, extra in ((1, 0.0), (2, gain), (3, gain)):
+                noise = 0.01 * ((seed + order) % 3 - 1)  # not the same on every seed
+                rows.append(
+                    {
+                        "trial_id": f"t{gamma:g}{order}{seed}",
+                        "status": "TERMINATED",
+                        "error": None,
+                        "order": order,
+                        "planted_gamma": gamma,
+                        "seed": seed,
+                        "evaluated": True,
+                        "rank_nll": base - extra + noise,
+                    }
+                )
+    trials = pd.DataFrame(rows)
+    args = dict(group="order", metrics=["rank_nll"], primary="rank_nll", title="Control", mode="min")
+    md = write_report(trials, tmp_path / "c", baseline=1, min_effect=0.05, facet="planted_gamma", **args).read_text()
+    flat, planted = md.split("## `planted_gamma` = 0.0")[1].split("## `planted_gamma` = 4.0")
+    assert "**Verdict on `rank_nll`:** No order differs from order 1 beyond noise" in flat
+    assert (
+        "**Verdict on `rank_nll`:** order 2 (-0.200" in planted
+        and "order 3 (-0.200" in planted
+        and "are better than order 1 beyond noise by at least the declared minimum effect 0.05, but none of them "
+        "is better than the others beyond noise"
+        in planted
+    )
+    assert "![metrics vs order, planted_gamma = 4.0](metrics_vs_order_planted_gamma_4.0.png)" in md
+    summary = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert summary["facet"] == "planted_gamma" and set(summary["facets"]) == {"0.0", "4.0"}
+    assert summary["facets"]["4.0"]["comparison"]["better"] == [2, 3]
+    assert summary["facets"]["0.0"]["groups"]["1"]["metrics"]["rank_nll"]["mean"] == pytest.approx(5.0)
+    assert len(_images((tmp_path / "c" / "report.html").read_text())) == 4  # metrics and Δ per γ
+    with pytest.raises(ValueError, match="no column 'gamma'"):
+        write_report(trials, tmp_path / "x", facet="gamma", **args)
+
+
 def test_training_curves_from_progress_files(orders, progress_files):
     fig = report._curve_plot(
         orders, _curves(progress_files), "order", {o: str(o) for o in range(4)}, ["loss", "lr", "grad_norm"], "t"

@@ -98,6 +98,11 @@ class Method(nn.Module):
         as zero-shot segmentation with the same prefix's text encoder (`seg_miou`)."""
         return {"": self.encode_patches}
 
+    def ranking_evaluation(self, pixels: Tensor, tokens: Tensor, captions: list[str]) -> dict[str, float]:
+        """Held-out measures of a ranking loss on the evaluation pairs (image i with caption i),
+        metric name → value; {} for a method without one (the order-R family's: rank_nll, ...)."""
+        return {}
+
     def encode_images(self, pixels: Tensor) -> Tensor:
         """Evaluation embeddings of images (the student alone unless a method injects)."""
         return self.student.encode_image(pixels)

@@ -215,6 +215,7 @@ def evaluate(method, tokenizer, cfg, eval_dir: str, device) -> dict[str, float]:
     (`Method.evaluations`, with the same mode's `Method.patch_evaluations` for seg_miou), its
     metrics prefixed by the pair's name."""
     from raytrain.data.transforms import decode_image, normalize
+    from raytrain.eval.datasets import read_split
     from raytrain.eval.suite import evaluate as run_suite
 
     method.eval()
@@ -238,5 +239,8 @@ def evaluate(method, tokenizer, cfg, eval_dir: str, device) -> dict[str, float]:
             None if (p := patches.get(prefix)) is None else lambda data, f=p: f(pixels(data)),
         )
         results.update({prefix + k: v for k, v in scores.items()})
+    # a ranking loss's held-out NLL on the retrieval split's pairs (Method.ranking_evaluation)
+    if (pairs := read_split(eval_dir, "retrieval")) is not None:
+        results.update(method.ranking_evaluation(pixels(pairs["image"]), tokens(pairs["caption"]), pairs["caption"]))
     method.train()
     return results

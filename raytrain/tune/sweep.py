@@ -11,6 +11,7 @@ A space file is data:
     primary: mean_r@1          # the metric the rows are compared on; mode: max (higher is better) or min
     baseline: 1                # every other row is compared with this one, paired by seed
     min_effect: 0.01           # the smallest difference of `primary` that counts (raytrain.stats)
+    facet: loss.planted_gamma  # optional: a grid key; the report compares within each of its values
 
 Every trial's config is validated before anything starts.
 """
@@ -53,6 +54,9 @@ class Space(BaseModel):
     # the smallest difference of `primary` from the baseline that counts as an effect, however
     # significant (a space file says why that size)
     min_effect: float = Field(0.0, ge=0)
+    # a grid key whose values split the report: each value's trials are compared with the
+    # baseline on their own, with a verdict each (the order control's loss.planted_gamma)
+    facet: str | None = None
 
 
 def load_space(
@@ -100,8 +104,11 @@ def resolve_space(space: Space, overrides: dict[str, Any], where: str) -> tuple[
             check_engine(trial_overrides(params, space.variants, base))  # e.g. DeepSpeed's batch split
         except ValueError as e:  # ConfigError included
             raise ConfigError(f"space {where}, trial {params}: {e}") from None
-    if space.group not in space.grid:
-        raise ConfigError(f"space {where}: group {space.group!r} is not a grid key ({', '.join(keys)})")
+    for role, key in (("group", space.group), ("facet", space.facet)):
+        if key is not None and key not in space.grid:
+            raise ConfigError(f"space {where}: {role} {key!r} is not a grid key ({', '.join(keys)})")
+    if space.facet == space.group:
+        raise ConfigError(f"space {where}: facet and group are both {space.group!r}")
     return space, base, trials
 
 
@@ -534,6 +541,7 @@ def write_sweep_report(grid, space: Space, base_seed: int, out_dir: str | None =
         min_effect=space.min_effect,
         curves=curves,
         curve_metrics=CURVES,
+        facet=None if space.facet is None else _column(space.facet, space.grid),
     )
 
 
