@@ -4,9 +4,10 @@ and real single-process DeepSpeed runs on the CPU (gloo, world 1).
 DeepSpeed keeps process-wide state (its comm backend, the accelerator, patched torch
 functions under ZeRO-3), so the runs happen in one spawned worker process that holds the
 gloo process group for the whole module; each test sends it a function and checks what
-comes back. The first `deepspeed.initialize` on a machine compiles `deepspeed_shm_comm`
-with g++ (~40-60 s) into TORCH_EXTENSIONS_DIR (default ~/.cache/torch_extensions), paid
-once per machine; each later initialize takes ~1-3 s and a tiny step ~10-30 ms.
+comes back. The worker's TORCH_EXTENSIONS_DIR is a new empty directory, as on a fresh
+machine: the engine must compile nothing there (DeepSpeed's CPU backend would build its
+shared-memory all-reduce op, ~30-60 s; training does not use it). An initialize takes
+~1-3 s and a tiny step ~10-30 ms.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import multiprocessing
 import os
 import socket
 import statistics
+import tempfile
 import time
 
 import pytest
@@ -151,7 +153,7 @@ def _init_worker(port: int, backend: str, hide_cuda: bool) -> None:
     os.environ.update(
         LOCAL_RANK="0", RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
+    os.environ["TORCH_EXTENSIONS_DIR"] = tempfile.mkdtemp(prefix="torch-extensions-")
     if hide_cuda:  # the CPU tests stay on the CPU on GPU machines too
         os.environ["DS_ACCELERATOR"] = "cpu"
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
@@ -176,11 +178,11 @@ def _engine(overrides, seed=0, device="cpu"):
     return build_engine(method, cfg, TOTAL_STEPS, torch.device(device)), cfg
 
 
-def _warm() -> float:
-    """Build one DeepSpeed engine: the first on a machine compiles deepspeed_shm_comm."""
+def _warm() -> tuple[float, list[str]]:
+    """Build one DeepSpeed engine: its time and what it compiled into TORCH_EXTENSIONS_DIR."""
     t = time.perf_counter()
     _engine(["train.deepspeed.zero_stage=0", "train.deepspeed.precision=fp32"])
-    return time.perf_counter() - t
+    return time.perf_counter() - t, os.listdir(os.environ["TORCH_EXTENSIONS_DIR"])
 
 
 def _train(engine_name: str, stage: int, precision: str, steps: int = 10, device: str = "cpu") -> dict:
@@ -373,9 +375,10 @@ class _Worker:
 def cpu_worker():
     worker = _Worker("gloo", hide_cuda=True)
     t = time.perf_counter()
-    first_engine_s = worker(_warm, timeout=400)  # the shm_comm compile, once per machine
+    first_engine_s, compiled = worker(_warm, timeout=400)
+    assert compiled == [], compiled  # nothing built on a fresh machine (raytrain skips deepspeed_shm_comm)
     print(
-        f"\nfirst DeepSpeed engine (incl. worker start, shm_comm compile if not cached): {first_engine_s:.1f}s, "
+        f"\nfirst DeepSpeed engine (incl. worker start): {first_engine_s:.1f}s, "
         f"worker ready {time.perf_counter() - t:.1f}s"
     )
     yield worker

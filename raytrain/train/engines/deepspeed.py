@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -111,6 +112,23 @@ def _broadcastable_scalars(deepspeed):
         engine_cls._broadcast_model, Init._zero_init_param = broadcast_model, zero_init_param
 
 
+@contextlib.contextmanager
+def _without_shm_comm():
+    """On the CPU, DeepSpeed's communication backend compiles a shared-memory all-reduce op
+    (`deepspeed_shm_comm`, a C++ extension built with the machine's compiler into
+    ~/.cache/torch_extensions: ~30-60 s on every fresh machine or HOME) when
+    `deepspeed.initialize` starts it. Only `inference_all_reduce` (inference tensor
+    parallelism) uses that op; training's collectives are torch.distributed's, so the build is
+    skipped: it is DeepSpeed's own fallback when the op cannot be built."""
+    comm_torch = importlib.import_module("deepspeed.comm.torch")  # the attribute is torch itself
+    build = comm_torch.build_shm_op
+    comm_torch.build_shm_op = lambda: None
+    try:
+        yield
+    finally:
+        comm_torch.build_shm_op = build
+
+
 def _set_zero3_fp32(param, value: torch.Tensor) -> None:
     """This rank's slice of a ZeRO-3 parameter's fp32 master copy from the full value.
     DeepSpeed 0.19.8's `safe_set_full_fp32_param` reads past the end of the value for the
@@ -195,7 +213,7 @@ class DeepSpeedEngine:
         optimizer = build_optimizer(cfg.optim, method, method.lr_scales())
         scheduler = build_schedule(cfg.optim, optimizer, total_steps)
         try:
-            with _broadcastable_scalars(deepspeed):
+            with _broadcastable_scalars(deepspeed), _without_shm_comm():
                 engine, _, _, _ = deepspeed.initialize(
                     model=method, optimizer=optimizer, lr_scheduler=scheduler, config=passed, dist_init_required=False
                 )
