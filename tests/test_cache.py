@@ -184,7 +184,7 @@ def test_sweep_with_and_without_cache_trains_the_same(dataset, tmp_path, ray_loc
         "name: cache_check\n"
         "config: {loss: {order: 1, target: teacher, ramp: false},"
         " train: {epochs: 1, batch_size: 6, report_every: 1, eval: false, cpus_per_worker: 0.45},"
-        " run: {max_concurrent_trials: 1}, model: {image: {patch: 8}}}\n"
+        " run: {max_concurrent_trials: 2}, model: {image: {patch: 8}}}\n"
         "grid: {cache.use: [false, true]}\ngroup: cache.use\nmetrics: [loss, rank]\nprimary: loss\nmode: min\n"
     )
     report = run_sweep(

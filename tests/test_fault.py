@@ -32,10 +32,13 @@ SMALL = [
 ]
 
 
-def space(tmp_path, grid: str, group: str) -> Path:
+def space(tmp_path, rows: str) -> Path:
+    """A space with one trial per variant of `rows` (YAML: name -> overrides)."""
     path = tmp_path / "space.yaml"
     metrics = "[loss, mean_r@1, zs_top1, resumed_step]"
-    path.write_text(f"name: fault\ngrid: {grid}\ngroup: {group}\nmetrics: {metrics}\nprimary: mean_r@1\n")
+    path.write_text(
+        f"name: fault\nvariants: {rows}\ngrid: {{seed: [0]}}\ngroup: variant\nmetrics: {metrics}\nprimary: mean_r@1\n"
+    )
     return path
 
 
@@ -83,22 +86,22 @@ def report_of(out: str) -> Path:
 
 
 def test_killed_worker_resumes_to_the_same_result_and_nan_trial_fails(tmp_path, drivers):
-    # trial 0 (max_failures 1) gets its worker killed; trial 1 is its uninterrupted twin;
-    # trial 2's learning rate makes the loss NaN
-    grid = "{train.max_failures: [1, 0], optim.lr: [0.001]}"
+    # the first trial (max_failures 1) gets its worker killed; the second is its uninterrupted
+    # twin; the third one's learning rate makes the loss NaN
+    rows = "{killed: {train.max_failures: 1}, twin: {train.max_failures: 0}, diverges: {optim.lr: 1.0e+30}}"
     storage = tmp_path / "runs"
     proc = sweep(
         drivers,
-        space(tmp_path, grid, "train.max_failures"),
+        space(tmp_path, rows),
         *SMALL,
-        "grid.optim.lr=[0.001, 1.0e+30]",
+        "optim.lr=0.001",
         "train.report_every=4",
         "train.checkpoint_every=8",
         "run.max_concurrent_trials=1",
         f"run.storage_path={storage}",
         f"data.root={tmp_path / 'data'}",
     )
-    # trials run one at a time in grid order, so the first checkpoint is trial 0's (max_failures 1)
+    # trials run one at a time in variant order, so the first checkpoint is the killed one's
     first = wait_for(lambda: registered_checkpoints(storage), 300, "checkpoint", proc)
     worker = wait_for(lambda: proc.ray_processes("RayTrainWorker"), 60, "worker", proc)
     os.kill(worker[0].pid, signal.SIGKILL)
@@ -106,8 +109,8 @@ def test_killed_worker_resumes_to_the_same_result_and_nan_trial_fails(tmp_path, 
     assert proc.returncode == 0, out[-4000:]
     report = report_of(out)
     trials = pd.read_csv(report.parent / "trials.csv")
-    ok = trials[trials["status"] == "TERMINATED"]
-    killed, twin = (ok[ok["max_failures"] == f].iloc[0] for f in (1, 0))
+    ok = trials[trials["status"] == "TERMINATED"].set_index("variant")
+    killed, twin = ok.loc["killed"], ok.loc["twin"]
     assert killed["resumed_step"] > 0 and twin["resumed_step"] == -1 and first  # it did resume mid-run
     for metric in ("loss", "mean_r@1", "zs_top1"):
         assert math.isclose(killed[metric], twin[metric], rel_tol=1e-4, abs_tol=1e-6), (
@@ -116,9 +119,10 @@ def test_killed_worker_resumes_to_the_same_result_and_nan_trial_fails(tmp_path, 
             twin[metric],
         )
     failed = trials[trials["status"] == "ERROR"]
-    assert len(failed) == 2 and failed["error"].str.match(r"FloatingPointError: loss became (nan|inf)").all(), failed[
-        "error"
-    ]
+    assert (
+        list(failed["variant"]) == ["diverges"]
+        and failed["error"].str.match(r"FloatingPointError: loss became (nan|inf)").all()
+    ), failed["error"]
     assert "loss became" in report.read_text()  # the report lists the failed trials with their error
 
 
@@ -128,7 +132,7 @@ def test_killed_worker_resumes_deepspeed_zero2_from_its_sharded_checkpoint(tmp_p
     storage = tmp_path / "runs"
     proc = sweep(
         drivers,
-        space(tmp_path, "{train.max_failures: [1, 0]}", "train.max_failures"),
+        space(tmp_path, "{killed: {train.max_failures: 1}, twin: {train.max_failures: 0}}"),
         *SMALL,
         "train.engine=deepspeed",
         "train.num_workers=2",
@@ -155,7 +159,7 @@ def test_killed_worker_resumes_deepspeed_zero2_from_its_sharded_checkpoint(tmp_p
     assert "engine=deepspeed world_size=2" in out
     trials = pd.read_csv(report_of(out).parent / "trials.csv")
     assert (trials["status"] == "TERMINATED").all(), trials["error"].tolist()
-    killed, twin = (trials[trials["max_failures"] == f].iloc[0] for f in (1, 0))
+    killed, twin = (trials.set_index("variant").loc[v] for v in ("killed", "twin"))
     assert killed["resumed_step"] > 0 and twin["resumed_step"] == -1
     for metric in ("loss", "mean_r@1", "zs_top1"):
         assert math.isclose(killed[metric], twin[metric], rel_tol=1e-4, abs_tol=1e-6), (
