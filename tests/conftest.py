@@ -37,7 +37,8 @@ TEST_REGION = "us-east-1"
 @pytest.fixture
 def ray_local():
     """An in-process local Ray instance for tests of Ray Data pieces: started by the first
-    test that asks, shared by the next ones, shut down by `no_inprocess_ray`."""
+    test that asks, shared by the next ones, shut down when the test process ends (or by a
+    test that needs a cluster of its own: test_elastic)."""
     import ray
 
     if not ray.is_initialized():
