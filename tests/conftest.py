@@ -12,10 +12,6 @@ from pathlib import Path
 
 import pytest
 
-# One intra-op thread per test process (Ray gives its workers one as well): two pytest workers
-# share the machine's cores, and OpenMP threads of two processes spinning against each other on 2
-# cores cost more than they give on the tests' tiny models. Set before anything imports torch.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
 os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # what run_sweep gives the clusters it starts (raytrain.tune.sweep.runtime_env); the clusters tests
