@@ -16,7 +16,7 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
     echo "raytrain: chromium missing; as root run: apt-get install chromium (tests/test_report.py needs it)" >&2
   fi
 fi
-# Two pytest workers (pytest-xdist), each taking whole modules (a module's fixtures are built
-# once): while one waits on the process start-ups of a test that starts Ray clusters of its own,
-# the other keeps the cores busy. `-n 0` after the command runs everything in this process.
-exec .venv/bin/python -m pytest -n 2 --dist loadscope "$@"
+# Two pytest workers (pytest-xdist): the tests that start Ray clusters of their own wait on
+# process start-ups, the rest keep the cores busy meanwhile (conftest.py groups them); `-n 0`
+# after the command runs everything in this process.
+exec .venv/bin/python -m pytest -n 2 --dist loadgroup "$@"

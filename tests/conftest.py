@@ -253,3 +253,10 @@ def s3_bucket(s3_server, monkeypatch) -> str:
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
     return f"s3://{name}"
 
+
+def pytest_collection_modifyitems(items):
+    """For pytest-xdist's `--dist loadgroup` (what infra/test.sh runs): a module's tests stay on
+    one worker, so its module fixtures are built once, and the tests that start Ray clusters of
+    their own (marked e2e) run one after another on one worker while the other takes the rest."""
+    for item in items:
+        item.add_marker(pytest.mark.xdist_group("e2e" if item.get_closest_marker("e2e") else item.module.__name__))
