@@ -260,3 +260,19 @@ def pytest_collection_modifyitems(items):
     their own (marked e2e) run one after another on one worker while the other takes the rest."""
     for item in items:
         item.add_marker(pytest.mark.xdist_group("e2e" if item.get_closest_marker("e2e") else item.module.__name__))
+
+
+def saved_bytes(fn) -> int:
+    """Bytes autograd keeps for backward while fn runs (what training memory is made of)."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    import torch
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total

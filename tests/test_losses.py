@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import saved_bytes
 
 from raytrain.losses.contrastive import clip_logits, clip_loss
 from raytrain.losses.ranking import Transition, plackett_luce_loss, rank_targets, ranking_consistency_loss
@@ -142,20 +143,6 @@ def test_permutation_equivariance():
     rows = torch.randperm(b)
     moved = plackett_luce_loss(scores[rows][:, perm], inv[target[rows]], 3, None, lambda p, r: trans(emb[perm], p, r))
     assert moved.item() == pytest.approx(base.item(), abs=1e-5)
-
-
-def saved_bytes(fn):
-    """Bytes autograd keeps for backward while fn runs (what training memory is made of)."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
 
 
 def test_memory_grows_linearly_with_order():

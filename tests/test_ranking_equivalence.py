@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import saved_bytes
 
 from raytrain.losses import ranking
 from raytrain.losses.ranking import Transition, plackett_luce_loss, rank_targets, ranking_consistency_loss
@@ -183,16 +184,8 @@ def test_memory_does_not_grow_with_batch_chunks(monkeypatch):
     image_t, text_t = transitions(5, dim, 5)
     saved, values = [], []
     for order in (3, 4, 5):
-        total = 0
-
-        def pack(t):
-            nonlocal total
-            total += t.numel() * t.element_size()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            values.append(ranking_consistency_loss(u, v, 5.0, order, 8, True, None, image_t.float(), text_t.float()))
-        saved.append(total)
+        loss = lambda o=order: ranking_consistency_loss(u, v, 5.0, o, 8, True, None, image_t.float(), text_t.float())  # noqa: E731
+        saved.append(saved_bytes(lambda f=loss: values.append(f())))
     assert saved[0] == saved[1] == saved[2], saved
     monkeypatch.setattr(ranking, "CHUNK", {"cpu": 8 * b})  # one row per chunk
     chunked = ranking_consistency_loss(u, v, 5.0, 5, 8, True, None, image_t, text_t)
