@@ -193,13 +193,15 @@ fi
 bench="\"$PY\" jobs/benchmark.py --scale paper --device cuda"
 losses=256,1024,4096
 teacher=vitb16:224:512:64
+cases= # all
 if [ "$mode" = dry ]; then
   bench="\"$PY\" jobs/benchmark.py --scale embedded --device cpu --steps 1"
   losses=32
   teacher=tiny:32:64:32
+  cases="--cases clip,rankclip_R3" # two check the stage (tests/test_bench.py runs every case)
 fi
 if has pydantic; then
-  stage bench_eager "$bench --skip ingest --loss-batches $losses --out \"\$STAGE_OUT\""
+  stage bench_eager "$bench --skip ingest --loss-batches $losses $cases --out \"\$STAGE_OUT\""
   compiled="$bench --compile --cases clip,rankclip_R3 --skip ingest,loss,decode --out \"\$STAGE_OUT\""
   if [ "$mode" = dry ]; then # compiling takes minutes on a CPU: the arguments are checked, not run
     stage bench_compiled "\"$PY\" jobs/benchmark.py --help >/dev/null && echo would run: ${compiled//\"/}"

@@ -426,21 +426,17 @@ def _ingest_worker(payload: dict) -> None:
     `epochs` epochs; then the sweep's train step fed by the step stream and by a mock."""
     import ray.train
 
+    from raytrain.train.feed import Feed
     from raytrain.train.loop import ROW_INFO
 
     torch.manual_seed(0)
     seed, out = payload["seed"], {"threads": torch.get_num_threads()}
 
     def epochs(name: str, n: int):
-        shard, size = ray.train.get_dataset_shard(name), payload["batch_size"][name]
-        for epoch in range(n):  # the train loop's iter_batches, arguments and all
-            yield shard.iter_batches(
-                batch_size=size,
-                batch_format="numpy",
-                drop_last=True,
-                local_shuffle_buffer_size=4 * size,
-                local_shuffle_seed=seed * 7919 + epoch * 31,
-            )
+        # the train loop's reader (rank 0), arguments and all
+        feed = Feed(ray.train.get_dataset_shard(name), payload["batch_size"][name], seed, 0, range(n))
+        yield from (feed.epoch(epoch) for epoch in range(n))
+        feed.close()
 
     for name, n in payload["epochs"].items():
         out[name] = _consume(epochs(name, n), lambda b: len(b["id"]))

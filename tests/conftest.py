@@ -39,6 +39,11 @@ def ray_local():
     """An in-process local Ray instance for tests of Ray Data pieces: started by the first
     test that asks, shared by the next ones, shut down when the test process ends (or by a
     test that needs a cluster of its own: test_elastic)."""
+    return start_local_ray()
+
+
+def start_local_ray():
+    """ray_local's cluster, for module-scoped fixtures."""
     import ray
 
     if not ray.is_initialized():

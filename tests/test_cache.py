@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import start_local_ray
 from PIL import Image
 
 from raytrain.config import make_config
@@ -30,10 +31,8 @@ def png(seed: int) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture
-def dataset(tmp_path):
+def write_dataset(root: Path) -> Path:
     """Three training files of 6 rows; file 1 has an undecodable image, file 2 an empty caption."""
-    root = tmp_path / "ds"
     (root / "train").mkdir(parents=True)
     for f in range(3):
         ids = [f"f{f}-{i}" for i in range(6)]
@@ -47,6 +46,21 @@ def dataset(tmp_path):
             pa.table({"id": ids, "image": images, "caption": captions}), root / "train" / f"part-{f}.parquet"
         )
     return root
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return write_dataset(tmp_path / "ds")
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """(dataset, its directory, manifest): the dataset with its default cache built once, for
+    the tests that only read them (a build starts a teacher actor: seconds each)."""
+    start_local_ray()
+    tmp = tmp_path_factory.mktemp("built")
+    dataset = write_dataset(tmp / "ds")
+    return dataset, tmp, build_cache(config(dataset, tmp))
 
 
 def config(dataset, tmp_path, *extra):
@@ -66,8 +80,8 @@ def test_build_manifest_and_counts(dataset, tmp_path, ray_local, capsys):
     assert build_cache(cfg) == manifest  # complete: reused, not rebuilt
 
 
-def test_resume_after_interruption_equals_whole_build(dataset, tmp_path, ray_local):
-    whole = build_cache(config(dataset, tmp_path / "a"))
+def test_resume_after_interruption_equals_whole_build(built, tmp_path, ray_local):
+    dataset, whole_dir, whole = built
     part = tmp_path / "b" / "cache"
     cfg = config(dataset, tmp_path / "b")
     build_cache(cfg)
@@ -79,21 +93,20 @@ def test_resume_after_interruption_equals_whole_build(dataset, tmp_path, ray_loc
     resumed = build_cache(cfg)
     assert (part / shard_name(0)).stat().st_mtime_ns == kept  # complete shards are skipped
     for i in range(3):
-        assert (part / shard_name(i)).read_bytes() == (tmp_path / "a" / "cache" / shard_name(i)).read_bytes()
+        assert (part / shard_name(i)).read_bytes() == (whole_dir / "cache" / shard_name(i)).read_bytes()
     assert resumed == whole
 
 
-def test_mismatched_cache_is_refused_naming_the_field(dataset, tmp_path, ray_local):
-    build_cache(config(dataset, tmp_path))
+def test_mismatched_cache_is_refused_naming_the_field(built, ray_local):
+    dataset, tmp_path, _ = built
     with pytest.raises(CacheMismatch, match=r"teachers\.dinov3\.grid: cache has 4, config wants 2"):
         CacheReader.open(config(dataset, tmp_path, "teachers.dinov3.grid=2"), prepare(config(dataset, tmp_path).data))
     with pytest.raises(CacheMismatch, match=r"preprocessing\.image_size"):
         build_cache(config(dataset, tmp_path, "data.image_size=16", "teachers.dinov3.image_size=16"))
 
 
-def test_lookup_matches_the_teacher_on_the_fly(dataset, tmp_path, ray_local):
-    cfg = config(dataset, tmp_path)
-    build_cache(cfg)
+def test_lookup_matches_the_teacher_on_the_fly(built, ray_local):
+    cfg = config(*built[:2])
     src = prepare(cfg.data)
     reader = CacheReader.open(cfg, src)
     table = pq.read_table(src.files[0])
@@ -105,9 +118,8 @@ def test_lookup_matches_the_teacher_on_the_fly(dataset, tmp_path, ray_local):
         reader.lookup(src.files[1], ["f1-2"])  # the undecodable row is not cached
 
 
-def test_training_stream_joins_by_id(dataset, tmp_path, ray_local):
-    cfg = config(dataset, tmp_path)
-    build_cache(cfg)
+def test_training_stream_joins_by_id(built, ray_local):
+    cfg = config(*built[:2])
     src = prepare(cfg.data)
     reader = CacheReader.open(cfg, src)
     rows = {}

@@ -131,3 +131,55 @@ def test_hf_tokenizer_from_a_local_directory():
     assert tok.vocab_size > 30000
     with pytest.raises(FileNotFoundError, match="no/such/dir"):
         HFTokenizer("/no/such/dir")
+
+
+def read_in_turn(shard, batch_size: int, seed: int, rank: int, epochs: range) -> list:
+    """Each epoch's iter_batches read one after another: what Feed must equal."""
+    return [
+        [
+            b["id"].tolist()
+            for b in shard.iter_batches(
+                batch_size=batch_size,
+                batch_format="numpy",
+                drop_last=True,
+                local_shuffle_buffer_size=4 * batch_size,
+                local_shuffle_seed=seed * 7919 + e * 31 + rank,
+            )
+        ]
+        for e in epochs
+    ]
+
+
+def test_feed_reads_ahead_the_same_batches_in_the_same_order(tmp_path, ray_local):
+    from raytrain.train.feed import Feed
+
+    rows = good_rows(40)
+    for i in range(4):  # four files: blocks arrive file by file
+        write_dataset(tmp_path, {k: v[i * 10 : (i + 1) * 10] for k, v in rows.items()}, f"part-{i}.parquet")
+    src = prepare(data_cfg(tmp_path))
+    ds = train_dataset(src, data_cfg(tmp_path), seed=0)
+    ds.context.execution_options.preserve_order = True  # as Train's ingest options
+    want = read_in_turn(ds.iterator(), 4, seed=3, rank=1, epochs=range(1, 4))
+    assert len(want) == 3 and all(len(e) == 10 for e in want) and want[0] != want[1]  # seeded per epoch
+    feed = Feed(ds.iterator(), 4, seed=3, rank=1, epochs=range(1, 4), ahead=2)
+    assert [[b["id"].tolist() for b in feed.epoch(e)] for e in range(1, 4)] == want
+    # a trainer that leaves an epoch early (its step count reached) gets the next one whole
+    feed = Feed(ds.iterator(), 4, seed=3, rank=1, epochs=range(1, 4), ahead=2)
+    assert [b["id"].tolist() for _, b in zip(range(3), feed.epoch(1))] == want[0][:3]
+    assert [b["id"].tolist() for b in feed.epoch(2)] == want[1]
+    feed.close()  # stopped before epoch 3: its reader ends
+    feed._thread.join(timeout=30)
+    assert not feed._thread.is_alive()
+
+
+def test_feed_raises_the_streams_error_in_the_trainer():
+    from raytrain.train.feed import Feed
+
+    class Broken:
+        def iter_batches(self, **kw):
+            yield {"id": np.array(["a"])}
+            raise ValueError("part-3.parquet row 7: image is not a PNG")
+
+    feed = Feed(Broken(), 1, seed=0, rank=0, epochs=range(2))
+    with pytest.raises(ValueError, match="part-3.parquet row 7"):
+        list(feed.epoch(0))

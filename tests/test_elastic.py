@@ -146,8 +146,9 @@ def test_lost_node_resumes_on_one_worker_with_its_optimizer_moments(tmp_path, mo
     from raytrain.tune.sweep import fit_run
 
     t0 = time.perf_counter()
-    # a worker group scheduled on the lost node's stale resources times out sooner (default 60 s)
-    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "15")
+    # a worker group scheduled on the lost node's stale resources times out sooner (default 60 s);
+    # the timeout covers only the wait for its placement group, not the workers' start
+    monkeypatch.setenv("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "5")
     base = make_config({}, [*TRIAL, f"data.root={tmp_path / 'data'}"])
     source = prepare(base.data)
     storage = str(tmp_path / "runs")

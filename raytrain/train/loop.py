@@ -21,6 +21,7 @@ from raytrain.dist import all_sum, gather_objects
 from raytrain.log import log, set_level
 from raytrain.methods import build_method
 from raytrain.train.engines import build_engine
+from raytrain.train.feed import Feed
 
 ROW_INFO = ("id", "path", *SKIP_REASONS)  # batch columns that are not model inputs
 DEEPSPEED_DIR = "deepspeed"  # DeepSpeed's sharded states inside a checkpoint
@@ -78,18 +79,12 @@ def train_loop_per_worker(payload: dict) -> None:
     # a run restarted from its final checkpoint trains no step: its final report has no loss
     loss, stats, first_epoch = torch.tensor(float("nan")), {}, progress["step"] // steps_per_epoch
     epoch = first_epoch
+    feed = Feed(shard, local_batch, cfg.seed, rank, range(first_epoch, cfg.train.epochs))
     for epoch in range(first_epoch, cfg.train.epochs):
-        batches = shard.iter_batches(
-            batch_size=local_batch,
-            batch_format="numpy",
-            drop_last=True,
-            local_shuffle_buffer_size=4 * local_batch,
-            local_shuffle_seed=cfg.seed * 7919 + epoch * 31 + rank,
-        )
         # data position on resume: the same number of rows of this epoch at any world size; at
         # another one not the same rows (docs/training.md#training-on-spot-preemptible-nodes)
         done_in_epoch = progress["step"] - epoch * steps_per_epoch
-        for i, batch in enumerate(batches):
+        for i, batch in enumerate(feed.epoch(epoch)):
             if i >= steps_per_epoch or progress["step"] >= total:  # the same step count on every rank
                 break
             if i < done_in_epoch:
@@ -130,6 +125,7 @@ def train_loop_per_worker(payload: dict) -> None:
             ready = time.perf_counter()  # what follows, until the next batch arrives, is waiting for data
         if progress["step"] >= total:
             break
+    feed.close()
 
     # Final report: skipped-row counts summed over ranks (a collective every rank runs),
     # evaluation on rank 0 (no collective inside) and the final checkpoint.
