@@ -16,7 +16,7 @@ if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null; then
     echo "raytrain: chromium missing; as root run: apt-get install chromium (tests/test_report.py needs it)" >&2
   fi
 fi
-# Two pytest workers (pytest-xdist): the tests that start Ray clusters of their own wait on
-# process start-ups, the rest keep the cores busy meanwhile (conftest.py groups them); `-n 0`
-# after the command runs everything in this process.
-exec .venv/bin/python -m pytest -n 2 --dist loadgroup "$@"
+# Two pytest workers (pytest-xdist), a module at a time, the modules that start Ray clusters
+# first (conftest.py groups and orders them); `-n 0` after the command runs everything in this
+# process.
+exec .venv/bin/python -m pytest -n 2 --dist loadgroup --no-loadscope-reorder "$@"

@@ -260,11 +260,14 @@ def s3_bucket(s3_server, monkeypatch) -> str:
 
 
 def pytest_collection_modifyitems(items):
-    """For pytest-xdist's `--dist loadgroup` (what infra/test.sh runs): a module's tests stay on
-    one worker, so its module fixtures are built once, and the tests that start Ray clusters of
-    their own (marked e2e) run one after another on one worker while the other takes the rest."""
+    """For pytest-xdist (infra/test.sh: `--dist loadgroup --no-loadscope-reorder`): a module's
+    tests stay on one worker, so its module fixtures are built once, and the modules that start
+    Ray clusters of their own (a test marked e2e: minutes each) are handed out first, so that
+    the last modules the workers run are short ones and both finish at about the same time."""
+    clusters = {item.module.__name__ for item in items if item.get_closest_marker("e2e")}
     for item in items:
-        item.add_marker(pytest.mark.xdist_group("e2e" if item.get_closest_marker("e2e") else item.module.__name__))
+        item.add_marker(pytest.mark.xdist_group(item.module.__name__))
+    items.sort(key=lambda item: item.module.__name__ not in clusters)  # stable: order kept within
 
 
 def saved_bytes(fn) -> int:
