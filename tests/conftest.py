@@ -17,6 +17,10 @@ os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
 # what run_sweep gives the clusters it starts (raytrain.tune.sweep.runtime_env); the clusters tests
 # start inherit it from here
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+# Ray Train's preemption watcher (an actor per worker group polling Ray for draining nodes) is
+# Ray's own feature, and no test drains a node (test_elastic removes one): off, one Python process
+# fewer per trial start (~1.5 CPU-seconds; the suite starts ~20)
+os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
 
 # the smallest student every method trains with in tests: 16-px images, 16-wide towers, an 8-d joint space
 TINY_MODEL = [

@@ -34,7 +34,7 @@ from raytrain.config import Config, ConfigError, make_config, parse_overrides, r
 from raytrain.data.sources import exists, read_bytes, resolve, storage_error, write_atomic
 from raytrain.log import log, set_level
 from raytrain.tune.progress import Progress, error_summary
-from raytrain.tune.relay import fit_reporting
+from raytrain.tune.relay import fit_reporting, start_relay
 
 
 class Space(BaseModel):
@@ -187,16 +187,17 @@ def trial_overrides(params: dict[str, Any], variants: dict[str, dict[str, Any]],
     return base.override({**variants.get(name, {}), **params})
 
 
-def run_trial(params: dict[str, Any], base: dict, variants: dict, source, cache=None) -> None:
+def run_trial(params: dict[str, Any], base: dict, variants: dict, source, relay, cache=None) -> None:
     """Tune function trainable: one Ray Train run of the base config with this trial's params,
-    after the run its method declares to come first, if any (`fit_run`)."""
+    after the run its method declares to come first, if any (`fit_run`); its reports reach Tune
+    through the sweep's `relay` (tune.relay)."""
     from ray import tune
 
     cfg = trial_overrides(params, variants, make_config(base))
     ctx = tune.get_context()
     # beside the Tune experiment, so one storage path (local, NFS or S3) holds the sweep
     storage = os.path.join(os.path.expanduser(cfg.run.storage_path), ctx.get_experiment_name(), "train_runs")
-    fit_reporting(lambda callbacks: fit_run(cfg, ctx.get_trial_name(), storage, source, cache, callbacks))
+    fit_reporting(lambda callbacks: fit_run(cfg, ctx.get_trial_name(), storage, source, cache, callbacks), relay)
 
 
 def fit_run(cfg: Config, name: str, storage: str, source, cache=None, callbacks=()):
@@ -330,7 +331,12 @@ def run_sweep(
     cache = shared_cache(base, source, configs) if any(c.cache.use for c in configs) else None
     trainable = tune.with_resources(
         tune.with_parameters(
-            run_trial, base=base.model_dump(mode="json"), variants=space.variants, source=source, cache=cache
+            run_trial,
+            base=base.model_dump(mode="json"),
+            variants=space.variants,
+            source=source,
+            relay=start_relay(),
+            cache=cache,
         ),
         {"CPU": 0.01},
     )
