@@ -353,3 +353,19 @@ def test_concurrent_calls(tmp_path):
     assert not errors and len(results) == 3
     assert all(r == results[0] for r in results)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ds"]
+
+
+def test_shard_rows_cuts_the_same_rows_into_more_files(tmp_path):
+    import pyarrow.parquet as pq
+
+    whole = make_dataset(tmp_path / "one", 20, 8, seed=0)
+    cut = make_dataset(tmp_path / "cut", 20, 8, seed=0, shard_rows=8)
+    assert (whole["counts"]["train_shards"], cut["counts"]["train_shards"]) == (1, 3)
+    assert cut["params"]["shard_rows"] == 8 and "shard_rows" not in whole["params"]
+    read = lambda d: pq.read_table(sorted((tmp_path / d / "train").glob("*.parquet"))).to_pylist()  # noqa: E731
+    assert [len(pq.read_table(p)) for p in sorted((tmp_path / "cut/train").glob("*"))] == [8, 8, 4]
+    assert read("cut") == read("one")
+    with pytest.raises(ValueError, match="shard_rows"):
+        make_dataset(tmp_path / "cut", 20, 8, seed=0)  # reused only with the same cut
+    with pytest.raises(ValueError, match="shard_rows must be"):
+        make_dataset(tmp_path / "bad", 20, 8, shard_rows=0)

@@ -413,10 +413,10 @@ def _build(out, params):
     n_train, n_eval, seed, size = (params[k] for k in ("n_train", "n_eval", "seed", "image_size"))
     (out / "train").mkdir(parents=True)
     (out / "eval").mkdir()
-    rows = _rows("train", n_train, seed, size)
-    n_shards = -(-n_train // SHARD_ROWS)
+    rows, per_shard = _rows("train", n_train, seed, size), params.get("shard_rows", SHARD_ROWS)
+    n_shards = -(-n_train // per_shard)
     for s in range(n_shards):
-        shard = [next(rows) for _ in range(min(SHARD_ROWS, n_train - s * SHARD_ROWS))]
+        shard = [next(rows) for _ in range(min(per_shard, n_train - s * per_shard))]
         _write(shard, "train", out / "train" / f"part-{s:05d}.parquet")
     for split in ("retrieval", "zeroshot", "binding", "ood", "segmentation"):
         _write(list(_rows(split, n_eval, seed, size)), split, out / "eval" / f"{split}.parquet")
@@ -472,16 +472,23 @@ def _existing(out, params):
     manifest = json.loads(path.read_text())
     have = {**manifest.get("params", {}), "schema_version": manifest.get("schema_version")}
     want = {**params, "schema_version": SCHEMA_VERSION}
-    diff = [f"{k}={have.get(k)!r} (requested {want[k]!r})" for k in want if have.get(k) != want[k]]
+    keys = [*want, *(k for k in have if k not in want)]  # shard_rows is written only when not the default
+    diff = [f"{k}={have.get(k)!r} (requested {want.get(k)!r})" for k in keys if have.get(k) != want.get(k)]
     if diff:
         raise ValueError(f"{out} holds a synthetic dataset with different params: {', '.join(diff)}")
     return manifest
 
 
-def make_dataset(out_dir, n_train: int, n_eval: int, seed: int = 0, image_size: int = 32) -> dict:
+def make_dataset(
+    out_dir, n_train: int, n_eval: int, seed: int = 0, image_size: int = 32, shard_rows: int = SHARD_ROWS
+) -> dict:
     """Write the dataset under out_dir; returns the manifest dict. Reuses an existing complete one with the
-    same params."""
+    same params. `shard_rows`: training rows per file (the same rows, cut into more or fewer files)."""
     params = _params(n_train, n_eval, seed, image_size)
+    if shard_rows != SHARD_ROWS:
+        if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
+            raise ValueError(f"shard_rows must be an integer >= 1, got {shard_rows!r}")
+        params["shard_rows"] = shard_rows
     out = Path(out_dir)
     manifest = _existing(out, params)
     if manifest is not None:
