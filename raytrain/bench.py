@@ -484,8 +484,8 @@ def ingest(
     out = {"cpus": cpus, "sweep": f"{SWEEP_SPACE} with {' '.join(SWEEP_STEP)}", "streams": {}}
     with tempfile.TemporaryDirectory(prefix="raytrain-bench-") as tmp:
         t0 = time.perf_counter()
-        # in files of 256 rows (a decode task's batch): a real dataset is many files, and the stream
-        # decodes one file per task (a single file would be decoded on one core)
+        # in files of 256 rows, as a real dataset is many files (today's stream still decodes up to
+        # 256 files in one fused task: pipeline.train_dataset's known limit)
         make_dataset(Path(tmp) / "d224", rows_224, 16, 0, 224, shard_rows=256)
         log.info(f"ingest: {rows_224} 224-px rows generated in {time.perf_counter() - t0:.1f} s")
         configs = {
