@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import urllib.request
 from pathlib import Path
 
@@ -27,25 +28,36 @@ class NetworkAttempt(OSError):
 
 
 def block_network(mp: pytest.MonkeyPatch) -> list[str]:
-    """Make every way out (sockets, DNS, urllib, requests) raise; return the list of attempts."""
-    attempts: list[str] = []
+    """Make every way out (sockets, DNS, urllib, requests) raise; return the list of attempts.
 
-    def blocked(name):
-        def refuse(*args, **kwargs):
-            attempts.append(f"{name}{args}"[:200])
-            raise NetworkAttempt(f"network blocked in tests: {name}")
-
-        return refuse
-
+    Threads that were already running when the block went up pass through untouched: they
+    belong to earlier tests of this pytest worker (Ray Data's driver keeps a daemon thread
+    that polls the local Prometheus), not to the code under test. Threads the code under
+    test starts are blocked like the calling thread."""
     import requests
 
-    mp.setattr(socket.socket, "connect", blocked("socket.socket.connect"))
-    mp.setattr(socket.socket, "connect_ex", blocked("socket.socket.connect_ex"))
-    mp.setattr(socket, "create_connection", blocked("socket.create_connection"))
-    mp.setattr(socket, "getaddrinfo", blocked("socket.getaddrinfo"))
-    mp.setattr(urllib.request, "urlopen", blocked("urllib.request.urlopen"))
-    mp.setattr(requests.Session, "send", blocked("requests.Session.send"))
-    mp.setattr(requests.adapters.HTTPAdapter, "send", blocked("requests.HTTPAdapter.send"))
+    attempts: list[str] = []
+    before = set(threading.enumerate()) - {threading.current_thread()}  # objects: idents get reused
+
+    def block(owner, name):
+        original = getattr(owner, name)
+        label = f"{getattr(owner, '__name__', owner)}.{name}"
+
+        def refuse(*args, **kwargs):
+            if threading.current_thread() in before:
+                return original(*args, **kwargs)
+            attempts.append(f"{label}{args}"[:200])
+            raise NetworkAttempt(f"network blocked in tests: {label}")
+
+        mp.setattr(owner, name, refuse)
+
+    for name in ("connect", "connect_ex"):
+        block(socket.socket, name)
+    block(socket, "create_connection")
+    block(socket, "getaddrinfo")
+    block(urllib.request, "urlopen")
+    block(requests.Session, "send")
+    block(requests.adapters.HTTPAdapter, "send")
     return attempts
 
 
@@ -66,6 +78,35 @@ def test_network_blocker_records_attempts(no_network):
         requests.get("http://example.invalid/", timeout=1)
     assert len(no_network) == 3
     no_network.clear()
+
+
+def test_network_blocker_spares_only_threads_older_than_the_block(monkeypatch):
+    """An earlier test's background thread (Ray Data's metrics poller) is not the code under
+    test; a thread the code under test starts is."""
+    go, done = threading.Event(), threading.Event()
+    seen = {}
+
+    def dial(key):
+        try:
+            socket.getaddrinfo("localhost", 0)
+            seen[key] = "passed"
+        except NetworkAttempt:
+            seen[key] = "blocked"
+
+    def older():
+        go.wait()
+        dial("older")
+        done.set()
+
+    threading.Thread(target=older, daemon=True).start()
+    attempts = block_network(monkeypatch)
+    go.set()
+    assert done.wait(10)
+    newer = threading.Thread(target=dial, args=("newer",))
+    newer.start()
+    newer.join(10)
+    assert seen == {"older": "passed", "newer": "blocked"}
+    assert len(attempts) == 1 and attempts[0].startswith("socket.getaddrinfo")
 
 
 # --------------------------------------------------------------------------- text teacher
