@@ -462,14 +462,15 @@ def ingest(
     cpus: int | None = None,
     epochs: int = 3,
     step_epochs: int = 2,
-    rows_224: int = 512,
+    rows_224: int = 2048,
     overrides: list[str] = (),
 ) -> dict:
     """The training stream's rows/s against a DataLoader and a mock, on the sweep's dataset (the
     embedded default) and on `rows_224` generated 224-px images, with `cpus` CPUs for each
     (default: this machine's): a local Ray cluster of `cpus` CPUs running one trial's Ray Train
-    worker (the sweep's resources) fed by `train_dataset` as a trial is; a DataLoader with `cpus`
-    worker processes. Then the sweep's fastest train step on the Ray Data stream against the
+    worker (the sweep's resources) fed by `train_dataset` as a trial is, decoding up to `cpus`
+    files at once (`data.decode_tasks`); a DataLoader with `cpus` worker processes. Then the
+    sweep's fastest train step on the sweep's own stream (its `data.decode_tasks`) against the
     same step on a mock batch: `ray_data_vs_mock` = steps/s with Ray Data / with the mock."""
     import ray
     from ray.train import RunConfig, ScalingConfig
@@ -481,16 +482,20 @@ def ingest(
 
     cpus = cpus or os.cpu_count() or 1
     _, base, _ = load_space(SWEEP_SPACE, [*SWEEP_STEP, *overrides])
-    out = {"cpus": cpus, "sweep": f"{SWEEP_SPACE} with {' '.join(SWEEP_STEP)}", "streams": {}}
+    out = {
+        "cpus": cpus,
+        "decode_tasks": {"streams": cpus, "step_pace": base.data.decode_tasks},
+        "sweep": f"{SWEEP_SPACE} with {' '.join(SWEEP_STEP)}",
+        "streams": {},
+    }
     with tempfile.TemporaryDirectory(prefix="raytrain-bench-") as tmp:
         t0 = time.perf_counter()
-        # in files of 256 rows, as a real dataset is many files (today's stream still decodes up to
-        # 256 files in one fused task: pipeline.train_dataset's known limit)
+        # in files of 256 rows, as a real dataset is many files (decoded a task per file)
         make_dataset(Path(tmp) / "d224", rows_224, 16, 0, 224, shard_rows=256)
         log.info(f"ingest: {rows_224} 224-px rows generated in {time.perf_counter() - t0:.1f} s")
         configs = {
-            "embedded": base,
-            "224px": base.override({"data.path": f"{tmp}/d224", "data.image_size": 224}),
+            "embedded": base.override({"data.decode_tasks": cpus}),
+            "224px": base.override({"data.path": f"{tmp}/d224", "data.image_size": 224, "data.decode_tasks": cpus}),
         }
         sources = {name: prepare(cfg.data) for name, cfg in configs.items()}
         batch = base.train.batch_size
@@ -508,11 +513,11 @@ def ingest(
         try:
             payload = {
                 "seed": base.seed,
-                "batch_size": {name: batch for name in sources},
+                "batch_size": {name: batch for name in [*sources, "sweep"]},
                 "epochs": {name: epochs for name in sources},
                 "step_config": base.model_dump(mode="json"),
                 "vocab_size": sources["embedded"].tokenizer(base.data).vocab_size,
-                "step_stream": "embedded",
+                "step_stream": "sweep",
                 "step_epochs": step_epochs,
             }
             trainer = TorchTrainer(
@@ -521,7 +526,10 @@ def ingest(
                 scaling_config=ScalingConfig(
                     num_workers=1, use_gpu=False, resources_per_worker={"CPU": base.train.cpus_per_worker}
                 ),
-                datasets={n: train_dataset(src, configs[n].data, base.seed) for n, src in sources.items()},
+                datasets={
+                    **{n: train_dataset(src, configs[n].data, base.seed) for n, src in sources.items()},
+                    "sweep": train_dataset(sources["embedded"], base.data, base.seed),
+                },
                 dataset_config=ingest_config(),
                 run_config=RunConfig(name="ingest", storage_path=f"{tmp}/runs"),
             )

@@ -183,3 +183,22 @@ def test_feed_raises_the_streams_error_in_the_trainer():
     feed = Feed(Broken(), 1, seed=0, rank=0, epochs=range(2))
     with pytest.raises(ValueError, match="part-3.parquet row 7"):
         list(feed.epoch(0))
+
+
+@pytest.mark.parametrize("decode_tasks", [1, None])
+def test_each_file_is_decoded_by_a_task_of_its_own(tmp_path, ray_local, decode_tasks):
+    """A task per file reads and decodes it (as two fused steps, one task decoded up to 256
+    files in turn), capped or not: three files are three tasks, and the rows come file by file,
+    each file's in its order."""
+    import re
+
+    rows = good_rows(768)
+    for i in range(3):
+        write_dataset(tmp_path, {k: v[i * 256 : (i + 1) * 256] for k, v in rows.items()}, f"part-{i}.parquet")
+    cfg = data_cfg(tmp_path, decode_tasks=decode_tasks)
+    ds = train_dataset(prepare(cfg), cfg, seed=1)
+    ids = [i for b in ds.iter_batches(batch_size=100, batch_format="numpy") for i in b["id"].tolist()]
+    files = [ids[k : k + 256] for k in range(0, 768, 256)]
+    assert sorted(files) == [rows["id"][k : k + 256] for k in range(0, 768, 256)]
+    tasks = dict(re.findall(r"^Operator \d+ (MapBatches\(\w+\)): (\d+) tasks executed", ds.stats(), re.M))
+    assert tasks == {"MapBatches(_read)": "3"}, ds.stats()

@@ -8,6 +8,7 @@ import os
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import pyarrow as pa
 
 from raytrain.config import DataConfig
@@ -79,18 +80,19 @@ def train_dataset(src: DataSource, cfg: DataConfig, seed: int, cache=None):
     # machine running two trials does not have (the stream waited forever), and it packed a few
     # small files into one block, so randomize_block_order left them in file order whatever the seed.
     ds = ray.data.from_items([{"path": f} for f in src.files], override_num_blocks=len(src.files))
+    # Read and decode in one step, a task per file, CHUNK_ROWS rows at a time. As two map_batches
+    # steps Ray Data fused them into tasks that each took as many paths as the decode's batch size
+    # asked for rows: up to 256 files decoded one after another on one core whatever the CPUs.
+    # data.decode_tasks caps the files in flight: each concurrent task is a worker process, which
+    # a 2-core machine running two trials pays for in step time (docs/paper-study.md section 9).
+    fn = Preprocess(src.tokenizer(cfg), cfg, cache)
     ds = ds.randomize_block_order(seed=seed).map_batches(
-        partial(_read, fs=fs, cfg=cfg, columns=columns, with_path=cache is not None),
+        partial(_read, fs=fs, cfg=cfg, columns=columns, fn=fn),
         batch_format="pyarrow",
         batch_size=1,
         num_cpus=cfg.num_cpus,
+        compute=ray.data.TaskPoolStrategy(size=cfg.decode_tasks),
     )
-    fn = Preprocess(src.tokenizer(cfg), cfg, cache)
-    # Known limit: Ray Data fuses these two steps, and a fused task takes as many paths as this
-    # batch_size asks for rows, so up to 256 files are decoded in turn by one task. On 2 cores that
-    # ran fastest (a task per file cost a worker process each); a many-core node needs a task per
-    # file, with a cap for small machines (docs/paper-study.md section 9).
-    ds = ds.map_batches(fn, batch_format="numpy", batch_size=256, num_cpus=cfg.num_cpus)
     # a deterministic order, so a run resumed from a checkpoint skips exactly the batches it
     # saw (Ray Train replaces these options with its own: see tune.sweep.ingest_config)
     ds.context.execution_options.preserve_order = True
@@ -99,9 +101,13 @@ def train_dataset(src: DataSource, cfg: DataConfig, seed: int, cache=None):
     return ds
 
 
-def _read(batch: pa.Table, fs, cfg: DataConfig, columns: list[str], with_path: bool):
-    """map_batches generator: the files named in `batch` as normalized tables, with their path
-    when the teacher cache joins on it (its shard i holds training file i's outputs)."""
+def _read(batch: pa.Table, fs, cfg: DataConfig, columns: list[str], fn: Preprocess):
+    """map_batches generator: the files named in `batch`, each read as normalized tables of at
+    most CHUNK_ROWS rows (memory bounded whatever a file's size) and decoded by `fn`; with a
+    teacher cache, each row's file path goes along (cache shard i holds training file i's rows)."""
     for path in batch.column("path").to_pylist():
         for table in iter_file(fs, path, cfg, columns):
-            yield table.append_column("path", pa.array([path] * len(table), pa.string())) if with_path else table
+            rows = {c: table.column(c).to_numpy(zero_copy_only=False) for c in table.column_names}
+            if fn.cache is not None:
+                rows["path"] = np.full(len(table), path, dtype=object)
+            yield fn(rows)
