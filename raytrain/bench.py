@@ -332,12 +332,14 @@ def _ratio(a: float, b: float) -> float | None:
 def _consume(epochs: Iterable[Iterable], rows_of: Callable, step: Callable | None = None) -> dict:
     """Iterate the epochs' batches (running `step` on each): time to the first batch, then rows/s,
     steps/s, the waits for each later batch (p50, p99) and the share of time spent waiting, all
-    after the first batch (an epoch's start is one of its waits)."""
+    after the first batch (an epoch's start is one of its waits); and apart, the later epochs'
+    start waits and the rows/s without them (what a long epoch approaches)."""
     start = time.perf_counter()
     first = None
-    waits, rows, steps = [], 0, 0
+    waits, starts, rows, steps = [], [], 0, 0
     for batches in epochs:
         it = iter(batches)
+        opening = first is not None
         while True:
             t0 = time.perf_counter()
             try:
@@ -349,8 +351,11 @@ def _consume(epochs: Iterable[Iterable], rows_of: Callable, step: Callable | Non
                 first = t1
             else:
                 waits.append(t1 - t0)
+                if opening:
+                    starts.append(t1 - t0)
                 rows += rows_of(batch)
                 steps += 1
+            opening = False
             if step is not None:
                 step(batch)
     end = time.perf_counter()
@@ -362,6 +367,8 @@ def _consume(epochs: Iterable[Iterable], rows_of: Callable, step: Callable | Non
         "fetch_p50_s": float(np.percentile(waits, 50)) if waits else None,
         "fetch_p99_s": float(np.percentile(waits, 99)) if waits else None,
         "data_wait_share": sum(waits) / span,
+        "epoch_start_s": float(np.mean(starts)) if starts else None,
+        "in_epoch_rows_per_s": rows / max(span - sum(starts), 1e-9),
         "batches": steps + (first is not None),
     }
 
@@ -547,6 +554,9 @@ def ingest(
             dataloader_rows_per_s=dl,
             mock_rows_per_s=mock,
             ray_data_vs_dataloader=_ratio(rd, dl),
+            in_epoch_ray_data_vs_dataloader=_ratio(
+                stream["ray_data"]["in_epoch_rows_per_s"], stream["dataloader"]["in_epoch_rows_per_s"]
+            ),
             time_to_first_batch_s={k: stream[k]["time_to_first_batch_s"] for k in ("ray_data", "dataloader")},
             fetch_p99_s={k: stream[k]["fetch_p99_s"] for k in ("ray_data", "dataloader")},
         )
@@ -775,17 +785,22 @@ def markdown(report: dict) -> str:
             "",
             f"## Ingest ({ing['cpus']} CPUs for each loader; Ray Train worker: {ing['worker_threads']} torch threads)",
             "",
-            "| stream | loader | rows/s | first batch s | fetch p50 ms | fetch p99 ms |",
-            "|---|---|---|---|---|---|",
+            "| stream | loader | rows/s | first batch s | fetch p50 ms | fetch p99 ms "
+            "| epoch start s | in-epoch rows/s |",
+            "|---|---|---|---|---|---|---|---|",
         ]
         for name, s in ing["streams"].items():
             for loader in ("ray_data", "dataloader", "mock"):
                 v = s[loader]
                 lines.append(
                     f"| {name} ({s['rows']} rows, {s['image_size']} px) | {loader} | {v['rows_per_s']:.0f} "
-                    f"| {v['time_to_first_batch_s']:.2f} | {_ms(v['fetch_p50_s'])} | {_ms(v['fetch_p99_s'])} |"
+                    f"| {v['time_to_first_batch_s']:.2f} | {_ms(v['fetch_p50_s'])} | {_ms(v['fetch_p99_s'])} "
+                    f"| {_f(v['epoch_start_s'])} | {v['in_epoch_rows_per_s']:.0f} |"
                 )
-            lines.append(f"| {name} | Ray Data / DataLoader | {_f(s['ray_data_vs_dataloader'])} | | | |")
+            lines.append(
+                f"| {name} | Ray Data / DataLoader | {_f(s['ray_data_vs_dataloader'])} | | | | "
+                f"| {_f(s['in_epoch_ray_data_vs_dataloader'])} |"
+            )
         pace = ing["step_pace"]
         lines += [
             "",

@@ -49,6 +49,19 @@ def test_consume_times_first_batch_waits_and_steps():
     assert out["batches"] == len(stepped) == 5
     assert out["time_to_first_batch_s"] >= 0.05
     assert out["fetch_p99_s"] >= 0.04 and out["rows_per_s"] > 0 and 0 < out["data_wait_share"] <= 1
+    assert out["epoch_start_s"] >= 0.01 and out["in_epoch_rows_per_s"] > out["rows_per_s"]
+
+
+def test_consume_separates_epoch_starts():
+    """A slow start of each epoch lowers rows/s but not the rows/s within epochs."""
+
+    def epoch(start_wait):
+        time.sleep(start_wait)
+        yield from ({"tokens": [0] * 4} for _ in range(5))
+
+    out = _consume([epoch(0.0), epoch(0.2), epoch(0.2)], lambda b: len(b["tokens"]))
+    assert out["batches"] == 15 and 0.19 <= out["epoch_start_s"] < 0.3
+    assert out["in_epoch_rows_per_s"] > 10 * out["rows_per_s"]
 
 
 @pytest.mark.e2e

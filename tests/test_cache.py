@@ -1,9 +1,11 @@
 """The teacher cache: manifest and counts, atomic shards, resume equals a whole build,
 fingerprint mismatches named, per-shard id join, and cached == on-the-fly training."""
 
+import contextlib
 import io
 import math
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -55,36 +57,38 @@ def dataset(tmp_path):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """(dataset, its directory, manifest): the dataset with its default cache built once, for
-    the tests that only read them (a build starts a teacher actor: seconds each)."""
+    """(dataset, its directory, manifest, what the build printed): the dataset with its default
+    cache built once, for the tests that only read them (a build starts a teacher actor: seconds
+    each)."""
     start_local_ray()
     tmp = tmp_path_factory.mktemp("built")
     dataset = write_dataset(tmp / "ds")
-    return dataset, tmp, build_cache(config(dataset, tmp))
+    with contextlib.redirect_stdout(io.StringIO()) as printed:  # raytrain's log writes to sys.stdout as it is
+        manifest = build_cache(config(dataset, tmp))
+    return dataset, tmp, manifest, printed.getvalue()
 
 
 def config(dataset, tmp_path, *extra):
     return make_config({}, TINY + [f"data.path={dataset}", f"cache.path={tmp_path / 'cache'}", *extra])
 
 
-def test_build_manifest_and_counts(dataset, tmp_path, ray_local, capsys):
-    cfg = config(dataset, tmp_path)
-    manifest = build_cache(cfg)
+def test_build_manifest_and_counts(built, ray_local):
+    dataset, tmp_path, manifest, printed = built
     assert manifest["rows"] == 16 and manifest["skipped"] == {"bad_image": 1, "empty_caption": 1}
     assert [s["rows"] for s in manifest["shards"]] == [6, 5, 5]
     assert manifest["shapes"]["dinov3_cls"] == [64] and manifest["shapes"]["dinov3_multiscale"] == [4, 16, 64]
     assert manifest["fingerprint"]["dataset"]["rows"] == 18 and "dinov3" in manifest["fingerprint"]["weights"]
-    assert "teacher cache complete: 16 rows in 3 shards" in capsys.readouterr().out
+    assert "teacher cache complete: 16 rows in 3 shards" in printed
     shard = pq.read_table(tmp_path / "cache" / shard_name(0))
     assert shard.schema.field("dinov3_cls").type.value_type == pa.float16()
-    assert build_cache(cfg) == manifest  # complete: reused, not rebuilt
+    assert build_cache(config(dataset, tmp_path)) == manifest  # complete: reused, not rebuilt
 
 
 def test_resume_after_interruption_equals_whole_build(built, tmp_path, ray_local):
-    dataset, whole_dir, whole = built
+    dataset, whole_dir, whole, _ = built
     part = tmp_path / "b" / "cache"
     cfg = config(dataset, tmp_path / "b")
-    build_cache(cfg)
+    shutil.copytree(whole_dir / "cache", part)  # a whole build's shards (the manifest names no path)
     # an interrupted build: shard 1 and the manifest never landed, a temp file was left behind
     os.remove(part / shard_name(1))
     os.remove(part / "manifest.json")
@@ -98,7 +102,7 @@ def test_resume_after_interruption_equals_whole_build(built, tmp_path, ray_local
 
 
 def test_mismatched_cache_is_refused_naming_the_field(built, ray_local):
-    dataset, tmp_path, _ = built
+    dataset, tmp_path, *_ = built
     with pytest.raises(CacheMismatch, match=r"teachers\.dinov3\.grid: cache has 4, config wants 2"):
         CacheReader.open(config(dataset, tmp_path, "teachers.dinov3.grid=2"), prepare(config(dataset, tmp_path).data))
     with pytest.raises(CacheMismatch, match=r"preprocessing\.image_size"):
