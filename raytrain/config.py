@@ -59,7 +59,7 @@ class DataConfig(Section):
     std: tuple[float, float, float] = Field((0.5, 0.5, 0.5), description="per-channel normalization std")
     num_cpus: float = Field(0.25, gt=0, description="CPUs per Ray Data task: fractional, beside the training workers")
     decode_tasks: int | None = Field(
-        1, ge=1, description="files a stream reads and decodes at once (a task each); null: as many as its CPUs allow"
+        1, ge=1, description="tasks that read and decode a stream's files, a share each; null: a task per file"
     )
     s3: S3Config = S3Config()
 

@@ -80,18 +80,18 @@ def train_dataset(src: DataSource, cfg: DataConfig, seed: int, cache=None):
     # machine running two trials does not have (the stream waited forever), and it packed a few
     # small files into one block, so randomize_block_order left them in file order whatever the seed.
     ds = ray.data.from_items([{"path": f} for f in src.files], override_num_blocks=len(src.files))
-    # Read and decode in one step, a task per file, CHUNK_ROWS rows at a time. As two map_batches
-    # steps Ray Data fused them into tasks that each took as many paths as the decode's batch size
-    # asked for rows: up to 256 files decoded one after another on one core whatever the CPUs.
-    # data.decode_tasks caps the files in flight: each concurrent task is a worker process, which
-    # a 2-core machine running two trials pays for in step time (docs/paper-study.md section 9).
+    # Read and decode in one step, CHUNK_ROWS rows at a time, in data.decode_tasks tasks that each
+    # take an equal share of the files in turn (null: a task per file, as many at once as CPUs
+    # allow). As two map_batches steps Ray Data fused them into tasks that took as many paths as
+    # the decode's batch size asked for rows: up to 256 files on one core whatever the CPUs. One
+    # task per file on 2 cores cost the sweep's step time (docs/paper-study.md section 9).
+    per_task = 1 if cfg.decode_tasks is None else -(-len(src.files) // cfg.decode_tasks)
     fn = Preprocess(src.tokenizer(cfg), cfg, cache)
     ds = ds.randomize_block_order(seed=seed).map_batches(
         partial(_read, fs=fs, cfg=cfg, columns=columns, fn=fn),
         batch_format="pyarrow",
-        batch_size=1,
+        batch_size=per_task,
         num_cpus=cfg.num_cpus,
-        compute=ray.data.TaskPoolStrategy(size=cfg.decode_tasks),
     )
     # a deterministic order, so a run resumed from a checkpoint skips exactly the batches it
     # saw (Ray Train replaces these options with its own: see tune.sweep.ingest_config)
