@@ -475,8 +475,8 @@ def ingest(
     """The training stream's rows/s against a DataLoader and a mock, on the sweep's dataset (the
     embedded default) and on `rows_224` generated 224-px images, with `cpus` CPUs for each
     (default: this machine's): a local Ray cluster of `cpus` CPUs running one trial's Ray Train
-    worker (the sweep's resources) fed by `train_dataset` as a trial is, decoding up to `cpus`
-    files at once (`data.decode_tasks`); a DataLoader with `cpus` worker processes. Then the
+    worker (the sweep's resources) fed by `train_dataset` as a trial is, in `cpus` decode
+    tasks (`data.decode_tasks`); a DataLoader with `cpus` worker processes. Then the
     sweep's fastest train step on the sweep's own stream (its `data.decode_tasks`) against the
     same step on a mock batch: `ray_data_vs_mock` = steps/s with Ray Data / with the mock."""
     import ray
@@ -497,7 +497,7 @@ def ingest(
     }
     with tempfile.TemporaryDirectory(prefix="raytrain-bench-") as tmp:
         t0 = time.perf_counter()
-        # in files of 256 rows, as a real dataset is many files (decoded a task per file)
+        # in files of 256 rows, as a real dataset is many files (shared among the decode tasks)
         make_dataset(Path(tmp) / "d224", rows_224, 16, 0, 224, shard_rows=256)
         log.info(f"ingest: {rows_224} 224-px rows generated in {time.perf_counter() - t0:.1f} s")
         configs = {

@@ -74,7 +74,7 @@ def train_dataset(src: DataSource, cfg: DataConfig, seed: int, cache=None):
 
     fs, _ = resolve(src.path, cfg.s3)
     columns = ["id", "image", cfg.caption_column, *cfg.extra_captions]
-    # One read task per file, from the files prepare() checked, through the reader that the checks
+    # The paths of the files prepare() checked, a block each, read through the reader that the checks
     # and the cache build use, so every format reads, counts bad rows and joins the same way. Not
     # Ray's read_parquet: it lists files in a task that needs a whole free CPU, which a 2-core
     # machine running two trials does not have (the stream waited forever), and it packed a few
