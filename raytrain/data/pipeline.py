@@ -4,6 +4,7 @@ raytrain.data.formats), validate, decode, tokenize."""
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -85,7 +86,7 @@ def train_dataset(src: DataSource, cfg: DataConfig, seed: int, cache=None):
     # allow). As two map_batches steps Ray Data fused them into tasks that took as many paths as
     # the decode's batch size asked for rows: up to 256 files on one core whatever the CPUs. One
     # task per file on 2 cores cost the sweep's step time (docs/paper-study.md section 9).
-    per_task = 1 if cfg.decode_tasks is None else -(-len(src.files) // cfg.decode_tasks)
+    per_task = 1 if cfg.decode_tasks is None else math.ceil(len(src.files) / cfg.decode_tasks)
     fn = Preprocess(src.tokenizer(cfg), cfg, cache)
     ds = ds.randomize_block_order(seed=seed).map_batches(
         partial(_read, fs=fs, cfg=cfg, columns=columns, fn=fn),
