@@ -137,8 +137,9 @@ def test_training_stream_joins_by_id(built, ray_local):
         assert np.array_equal(cls, want), i
 
 
-def test_cached_and_live_teacher_give_the_same_loss(dataset, tmp_path, ray_local):
+def test_cached_and_live_teacher_give_the_same_loss(built, ray_local):
     """The rankclip teacher-target loss on a batch: cached outputs vs the teacher run live."""
+    dataset, tmp_path, *_ = built
     extra = [
         "loss.order=2",
         "loss.target=teacher",
@@ -151,7 +152,6 @@ def test_cached_and_live_teacher_give_the_same_loss(dataset, tmp_path, ray_local
         "data.context_length=8",
     ]
     cached_cfg = config(dataset, tmp_path, "cache.use=true", *extra)
-    build_cache(cached_cfg)
     src = prepare(cached_cfg.data)
     reader = CacheReader.open(cached_cfg, src)
     batch = next(iter(train_dataset(src, cached_cfg.data, 0, reader).iter_batches(batch_size=6, batch_format="numpy")))
@@ -191,9 +191,12 @@ def test_text_teacher_targets_from_the_cache_equal_the_live_text_teacher(dataset
     assert losses[0] == pytest.approx(losses[1], rel=1e-4)
 
 
-def test_sweep_with_and_without_cache_trains_the_same(dataset, tmp_path, ray_local):
-    """Two trials of one sweep, equal but for cache.use: the same final training losses."""
+def test_sweep_with_and_without_cache_trains_the_same(built, tmp_path, ray_local):
+    """Two trials of one sweep, equal but for cache.use: the same final training losses (the
+    sweep reuses the module's complete cache)."""
     from raytrain.tune.sweep import run_sweep
+
+    dataset, cache = built[0], built[1] / "cache"
 
     space = tmp_path / "space.yaml"
     space.write_text(
@@ -205,7 +208,7 @@ def test_sweep_with_and_without_cache_trains_the_same(dataset, tmp_path, ray_loc
     )
     report = run_sweep(
         space,
-        TINY + [f"data.path={dataset}", f"cache.path={tmp_path / 'cache'}", f"run.storage_path={tmp_path / 'runs'}"],
+        TINY + [f"data.path={dataset}", f"cache.path={cache}", f"run.storage_path={tmp_path / 'runs'}"],
     )
     trials = __import__("pandas").read_csv(Path(report).parent / "trials.csv")
     assert (trials["status"] == "TERMINATED").all(), trials["error"].tolist()
@@ -261,11 +264,13 @@ def test_integer_ids_join_the_cache(tmp_path, ray_local):
     assert rows == 8
 
 
-def test_a_shard_of_another_version_of_its_file_is_refused(dataset, tmp_path, ray_local, caplog):
+def test_a_shard_of_another_version_of_its_file_is_refused(built, tmp_path, ray_local, caplog):
     """At open (the manifest's per-shard rows and id digests), when a worker reads the shard
     (its footer; a repeated id), and by a resumed build, which builds such a shard again."""
+    dataset = tmp_path / "ds"  # copies of the module's dataset and cache, changed below
+    shutil.copytree(built[0], dataset)
+    shutil.copytree(built[1] / "cache", tmp_path / "cache")
     cfg = config(dataset, tmp_path)
-    build_cache(cfg)
     part0, part1 = (dataset / "train" / f"part-{f}.parquet" for f in (0, 1))
     table0, table1 = pq.read_table(part0), pq.read_table(part1)
     reader = CacheReader.open(cfg, prepare(cfg.data))
