@@ -124,9 +124,6 @@ def test_killed_worker_resumes_to_the_same_result_and_nan_trial_fails(tmp_path, 
         and failed["error"].str.match(r"FloatingPointError: loss became (nan|inf)").all()
     ), failed["error"]
     assert "loss became" in report.read_text()  # the report lists the failed trials with their error
-    # one trial after another in one Tune process: a finished trial's serves the next (reuse_actors)
-    results = [p.read_text().splitlines() for p in report.parent.glob("run_trial_*/result.json")]
-    assert len({json.loads(lines[-1])["pid"] for lines in results if lines}) == 1, results
 
 
 def test_killed_worker_resumes_deepspeed_zero2_from_its_sharded_checkpoint(tmp_path, drivers):

@@ -356,8 +356,8 @@ def run_sweep(
         tuner = tune.Tuner(
             trainable,
             param_space={key: tune.grid_search(values) for key, values in space.grid.items()},
-            # reuse_actors: a trial's Tune process (it only drives its Ray Train run) serves the next
-            # trial; starting one costs ~3.5 CPU-seconds (Python, Ray, torch imports)
+            # reuse_actors: a finished trial's Tune process (it only drives its Ray Train run) serves a
+            # trial waiting to start; starting one costs ~3.5 CPU-seconds (Python, Ray, torch imports)
             tune_config=tune.TuneConfig(max_concurrent_trials=base.run.max_concurrent_trials, reuse_actors=True),
             # verbose=0: Tune's status tables give way to Progress's one line per trial
             run_config=tune.RunConfig(name=name, storage_path=storage, callbacks=callbacks, verbose=0),
