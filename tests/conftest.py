@@ -21,6 +21,15 @@ os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
 # Ray's own feature, and no test drains a node (test_elastic removes one): off, one Python process
 # fewer per trial start (~1.5 CPU-seconds; the suite starts ~20)
 os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+# Ray Train's placement-group cleaner (an actor per trial) asks Ray's State API every second whether
+# its trial's controller lives. Given no address it asks the cluster started last on this machine,
+# which under pytest-xdist can be another test's cluster with a dashboard: that one does not know the
+# controller, the cleaner takes it for dead and removes the live trial's placement group (a trial of
+# test_cache failed so: "Destroying worker since its placement group was removed"). The clusters
+# tests start in this process have no State API (no dashboard), and those in subprocesses need it
+# for nothing, so the lookup goes to a port where nothing answers: the cleaner then waits, as it
+# does when the API is down (test_state_api_lookups_stay_off_other_clusters)
+os.environ.setdefault("RAY_API_SERVER_ADDRESS", "http://127.0.0.1:9")
 
 # the smallest student every method trains with in tests: 16-px images, 16-wide towers, an 8-d joint space
 TINY_MODEL = [

@@ -1,5 +1,6 @@
 """The sweep's relay (tune/relay.py): a Ray Train run's reports reach Tune from the trial's own
-thread, all of them, in order, each run's through its own box of the sweep's one actor."""
+thread, all of them, in order, each run's through its own box of the sweep's one actor. And the
+test clusters' State API lookups (conftest), which must never reach another test's cluster."""
 
 import threading
 import time
@@ -68,3 +69,26 @@ def test_a_failed_run_reports_first_and_raises_its_error(relay, reported):
     with pytest.raises(FloatingPointError, match="loss became nan"):
         fit_reporting(fit, relay)
     assert [r for r, _ in reported] == [{"step": 0}]
+
+
+def test_state_api_lookups_stay_off_other_clusters(relay):
+    """In a worker of the tests' local cluster, Ray's State API goes to the address conftest sets
+    (nothing answers there), not to the cluster started last on the machine; asked about a live
+    actor, it raises the error Ray Train's placement-group cleaner waits on, never "not found"
+    (which the cleaner reads as a dead controller, removing a live trial's placement group)."""
+    import ray
+
+    @ray.remote(num_cpus=0)
+    def lookup(actor_id: str) -> tuple[str, str]:
+        from ray.dashboard.utils import get_address_for_submission_client
+        from ray.util.state import get_actor
+        from ray.util.state.exception import RayStateApiException
+
+        try:
+            found = repr(get_actor(actor_id, timeout=5))
+        except RayStateApiException as e:
+            found = type(e).__name__
+        return get_address_for_submission_client(None), found
+
+    address, found = ray.get(lookup.remote(relay._actor_id.hex()))
+    assert address == "http://127.0.0.1:9" and found == "ServerUnavailable", (address, found)
