@@ -71,24 +71,28 @@ def test_a_failed_run_reports_first_and_raises_its_error(relay, reported):
     assert [r for r, _ in reported] == [{"step": 0}]
 
 
-def test_state_api_lookups_stay_off_other_clusters(relay):
+def test_state_api_lookups_stay_off_other_clusters(ray_local):
     """In a worker of the tests' local cluster, Ray's State API goes to the address conftest sets
     (nothing answers there), not to the cluster started last on the machine; asked about a live
     actor, it raises the error Ray Train's placement-group cleaner waits on, never "not found"
     (which the cleaner reads as a dead controller, removing a live trial's placement group)."""
-    import ray
+    ray = ray_local
 
     @ray.remote(num_cpus=0)
-    def lookup(actor_id: str) -> tuple[str, str]:
-        from ray.dashboard.utils import get_address_for_submission_client
-        from ray.util.state import get_actor
-        from ray.util.state.exception import RayStateApiException
+    class Probe:
+        def lookup(self) -> tuple[str, str]:
+            """Where this worker's State API goes, and what it says about this live actor."""
+            from ray.dashboard.utils import get_address_for_submission_client
+            from ray.util.state import get_actor
+            from ray.util.state.exception import RayStateApiException
 
-        try:
-            found = repr(get_actor(actor_id, timeout=5))
-        except RayStateApiException as e:
-            found = type(e).__name__
-        return get_address_for_submission_client(None), found
+            try:
+                found = repr(get_actor(ray.get_runtime_context().get_actor_id(), timeout=5))
+            except RayStateApiException as e:
+                found = type(e).__name__
+            return get_address_for_submission_client(None), found
 
-    address, found = ray.get(lookup.remote(relay._actor_id.hex()))
+    probe = Probe.remote()
+    address, found = ray.get(probe.lookup.remote())
+    ray.kill(probe)
     assert address == "http://127.0.0.1:9" and found == "ServerUnavailable", (address, found)
